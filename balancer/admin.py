@@ -1,0 +1,162 @@
+"""The admin port: metrics, health, the active experiment, reload, lifecycle, upstreams and the live report.
+
+`/healthz` and `/metrics` are open (probes and scrapers); everything under `/admin`
+and `/report` requires `Authorization: Bearer <token>` when a token is configured,
+and one must be configured when the admin port listens beyond loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from balancer.config import ConfigError, parse_experiment
+from balancer.events import EventLog
+from balancer.proxy import json_error
+from balancer.runtime import Runtime
+from balancer.upstreams import UpstreamRegistry
+
+logger = logging.getLogger(__name__)
+
+_TOP_LEVEL_KEY = "^{key}:[^\\n]*$"
+_PROTECTED_PREFIXES = ("/admin", "/report")
+
+RUNTIME_KEY = web.AppKey("runtime", Runtime)
+REGISTRY_KEY = web.AppKey("registry", UpstreamRegistry)
+EVENTS_KEY = web.AppKey("events", EventLog)
+TOKEN_KEY = web.AppKey("token", str)
+
+
+def build_admin_app(runtime: Runtime, registry: UpstreamRegistry, events: EventLog, *, token: str | None) -> web.Application:
+    """The admin aiohttp application."""
+    app = web.Application(middlewares=[_require_token])
+    app[RUNTIME_KEY] = runtime
+    app[REGISTRY_KEY] = registry
+    app[EVENTS_KEY] = events
+    app[TOKEN_KEY] = token or ""
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.registry))
+    app.router.add_get("/admin/experiment", experiment)
+    app.router.add_post("/admin/reload", reload)
+    app.router.add_post("/admin/status", set_status)
+    app.router.add_get("/admin/upstreams", upstreams)
+    app.router.add_get("/report", report_html)
+    app.router.add_get("/report.json", report_json)
+    return app
+
+
+@web.middleware
+async def _require_token(request: web.Request, handler: Any) -> web.StreamResponse:
+    token = request.app[TOKEN_KEY]
+    if token and request.path.startswith(_PROTECTED_PREFIXES):
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return json_error(401, "admin endpoints need 'Authorization: Bearer <token>'")
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive, with the active version and how many records await a flush."""
+    runtime = request.app[RUNTIME_KEY]
+    assert runtime.active is not None
+    return web.json_response({
+        "status": "ok", "version": runtime.active.version, "pending_records": request.app[EVENTS_KEY].pending,
+    })
+
+
+async def experiment(request: web.Request) -> web.Response:
+    """The active config, its version, hash and the last reload error."""
+    return web.json_response(request.app[RUNTIME_KEY].describe())
+
+
+async def reload(request: web.Request) -> web.Response:
+    """Re-read the config file now."""
+    applied, message = await request.app[RUNTIME_KEY].reload("POST /admin/reload")
+    runtime = request.app[RUNTIME_KEY]
+    body = {"applied": applied, "message": message, "version": runtime.active.version if runtime.active else None}
+    return web.json_response(body, status=200 if applied else 422)
+
+
+async def set_status(request: web.Request) -> web.Response:
+    """POST {"status": "running|paused|stopped", "winner": NAME}: edit the YAML file and apply it."""
+    runtime = request.app[RUNTIME_KEY]
+    try:
+        document = await request.json()
+    except ValueError:
+        return json_error(400, "body is not valid JSON")
+    if not isinstance(document, dict) or document.get("status") not in ("running", "paused", "stopped"):
+        return json_error(400, "field 'status' must be one of 'running', 'paused', 'stopped'")
+    winner = document.get("winner")
+    if winner is not None and not isinstance(winner, str):
+        return json_error(400, "field 'winner' must be a variant name")
+    path = runtime.config_path
+    body = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    updated = set_top_level_keys(body, {"status": document["status"], "winner": winner})
+    try:
+        parse_experiment(updated, source=str(path))
+    except ConfigError as exc:
+        return json_error(400, str(exc))
+    await asyncio.to_thread(write_atomically, path, updated)
+    applied, message = await runtime.reload("POST /admin/status")
+    return web.json_response({"applied": applied, "message": message, "experiment": runtime.describe()},
+                             status=200 if applied else 422)
+
+
+async def upstreams(request: web.Request) -> web.Response:
+    """Every endpoint of every variant with its counters and health."""
+    return web.json_response(request.app[REGISTRY_KEY].describe())
+
+
+async def _build_report(request: web.Request) -> dict[str, Any]:
+    from balancer.report import build_report  # imported lazily: scipy and statsmodels are heavy
+
+    events = request.app[EVENTS_KEY]
+    await asyncio.to_thread(events.flush)
+    return await asyncio.to_thread(build_report, events.path)
+
+
+async def report_json(request: web.Request) -> web.Response:
+    """The comparison report as JSON, computed from the store now."""
+    from balancer.render import render_json
+
+    return web.Response(text=render_json(await _build_report(request)), content_type="application/json")
+
+
+async def report_html(request: web.Request) -> web.Response:
+    """The comparison report as a self-contained HTML page."""
+    from balancer.render import render_html
+
+    return web.Response(text=render_html(await _build_report(request)), content_type="text/html")
+
+
+def set_top_level_keys(body: str, values: dict[str, str | None]) -> str:
+    """Set (or remove, for None) top-level `key: value` lines in YAML text, keeping everything else."""
+    for key, value in values.items():
+        pattern = re.compile(_TOP_LEVEL_KEY.format(key=re.escape(key)), re.MULTILINE)
+        line = f"{key}: {value}" if value is not None else ""
+        if pattern.search(body):
+            body = pattern.sub(line, body, count=1)
+        elif value is not None:
+            body = body.rstrip("\n") + f"\n{line}\n"
+    return body
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace a file's content so a reader never sees half of it."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
