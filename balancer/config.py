@@ -219,8 +219,14 @@ def load_experiment(path: str | Path) -> LoadedConfig:
 
 def _describe_validation_error(exc: ValidationError, document: Any, body: str, source: str) -> str:
     lines = []
-    for error in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    failed_locations = [tuple(error["loc"]) for error in errors]
+    for error in errors:
         location = tuple(error["loc"])
+        if error["type"] == "too_short" and any(
+            len(other) > len(location) and other[: len(location)] == location for other in failed_locations
+        ):
+            continue  # a list counted short only because one of its items failed: that item's error says it
         key = _format_location(location)
         line = _line_of(body, location)
         where = f"{source}:{line}" if line else source
