@@ -1,0 +1,91 @@
+"""Starting real processes on loopback for integration tests: free ports, readiness, clean stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until GET `url` answers 200; fail early if `process` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@contextmanager
+def running(args: list[str], ready_url: str, *, log: Path, env: dict[str, str] | None = None,
+            timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python args...` until the block ends; SIGTERM then SIGKILL on the way out."""
+    with open(log, "ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        wait_http(ready_url, timeout, process)
+        yield process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, wait, SIGKILL if needed; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
+def artifacts_dir() -> Path:
+    """Trained artifacts: $MODEL_ARTIFACTS_DIR or ./artifacts, trained now if missing."""
+    directory = Path(os.environ.get("MODEL_ARTIFACTS_DIR", REPO / "artifacts"))
+    if not (directory / "model_b.joblib").exists():
+        subprocess.run([sys.executable, "-m", "modelserver.train", "--out", str(directory)], cwd=REPO, check=True)
+    return directory
+
+
+def write_experiment(path: Path, *, ports: dict[str, list[int]], weights: dict[str, float] | None = None,
+                     extra: str = "", server: str = "") -> Path:
+    """An experiment YAML on loopback upstreams."""
+    weights = weights or {name: 50 for name in ports}
+    variants = "".join(
+        f"  - name: {name}\n    weight: {weights[name]}\n    upstreams: {[f'http://127.0.0.1:{p}' for p in port_list]}\n"
+        for name, port_list in ports.items()
+    ).replace("'", '"')
+    path.write_text(
+        f"name: it-exp\nstrategy: sticky\nsticky_key: header:X-User-ID\nseed: 42\nvariants:\n{variants}{extra}"
+        f"server:\n  flush_interval_s: 0.1\n{server}"
+    )
+    return path
