@@ -92,6 +92,9 @@ class ServerSettings(_Frozen):
     allow_override_header: bool = True
     trusted_override_sources: tuple[str, ...] = ()
     log_request_data: bool = False
+    # Off switches for measuring what each feature costs (`make bench`); keep both on in production.
+    record_outcomes: bool = True
+    export_metrics: bool = True
 
 
 class Variant(_Frozen):

@@ -32,7 +32,8 @@ class BalancerMetrics:
             "balancer_upstream_errors", "Failed tries against an upstream, by reason.",
             ["variant", "upstream", "reason"], registry=r,
         )
-        self.in_flight = Gauge("balancer_in_flight_requests", "Requests being proxied now.", registry=r)
+        self.in_flight = Gauge("balancer_in_flight_requests", "Requests being proxied now (read at scrape time).", registry=r)
+
         self.rejected = Counter(
             "balancer_rejected_requests", "Requests refused before assignment, by reason.", ["reason"], registry=r,
         )

@@ -79,7 +79,10 @@ class Proxy:
         self.allow_override = server.allow_override_header
         self.trusted_override_sources = tuple(ipaddress.ip_network(s, strict=False) for s in server.trusted_override_sources)
         self.log_request_data = server.log_request_data
+        self.record_outcomes = server.record_outcomes
+        self.export_metrics = server.export_metrics
         self.in_flight = 0
+        metrics.in_flight.set_function(lambda: float(self.in_flight))
         self._idle = asyncio.Event()
         self._idle.set()
         self._id_prefix = os.urandom(5).hex()
@@ -97,12 +100,10 @@ class Proxy:
             )
         self.in_flight += 1
         self._idle.clear()
-        self.metrics.in_flight.inc()
         try:
             return await self._proxy(request)
         finally:
             self.in_flight -= 1
-            self.metrics.in_flight.dec()
             if self.in_flight == 0:
                 self._idle.set()
 
@@ -156,12 +157,14 @@ class Proxy:
         response.headers["X-Request-ID"] = request_id
 
         seconds = time.perf_counter() - started
-        active.variant_metrics[variant].observe(response.status, seconds)
-        self.events.record_request((
-            request_id, arrived, experiment.name, active.version, variant,
-            endpoint.address if endpoint is not None else None, kind, unit_id,
-            response.status, seconds * 1000.0, None if error is None or upstream_response is not None else str(error),
-        ))
+        if self.export_metrics:
+            active.variant_metrics[variant].observe(response.status, seconds)
+        if self.record_outcomes:
+            self.events.record_request((
+                request_id, arrived, experiment.name, active.version, variant,
+                endpoint.address if endpoint is not None else None, kind, unit_id,
+                response.status, seconds * 1000.0, None if error is None or upstream_response is not None else str(error),
+            ))
         if self.log_request_data:
             logger.info("%s %s %s -> %s %d %.1fms", request_id, request.method, request.path_qs, variant, response.status, seconds * 1000)
         return response
