@@ -6,9 +6,14 @@ Labels are bounded: experiment and variant come from the config, status is a cla
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -20,14 +25,10 @@ class BalancerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "balancer_requests", "Proxied requests by variant and status class.",
-            ["experiment", "variant", "status_class"], registry=r,
-        )
-        self.duration = Histogram(
-            "balancer_request_duration_seconds", "Time from request arrival to answer, by variant.",
-            ["experiment", "variant"], buckets=LATENCY_BUCKETS, registry=r,
-        )
+        # Requests and their latency are counted in plain integers on the hot path (a lock-free
+        # bisect and two additions) and turned into Prometheus samples only when scraped.
+        self._variant_stats: dict[tuple[str, str], VariantStats] = {}
+        r.register(_HotPathCollector(self._variant_stats))
         self.upstream_errors = Counter(
             "balancer_upstream_errors", "Failed tries against an upstream, by reason.",
             ["variant", "upstream", "reason"], registry=r,
@@ -62,27 +63,67 @@ class BalancerMetrics:
         self.events_pending = Gauge("balancer_events_pending", "Outcome records waiting for the next flush.", registry=r)
 
     def children(self, experiment: str, variant: str) -> VariantMetrics:
-        """Pre-bound label children for one variant (cheap to use on the hot path)."""
+        """Pre-bound metrics for one variant (cheap to use on the hot path); kept across reloads."""
+        stats = self._variant_stats.setdefault((experiment, variant), VariantStats())
         return VariantMetrics(
-            status={c: self.requests.labels(experiment, variant, c) for c in STATUS_CLASSES},
-            duration=self.duration.labels(experiment, variant),
+            stats=stats,
             feedback=self.feedback.labels(experiment, variant),
             feedback_value=self.feedback_value.labels(experiment, variant),
             fallbacks=self.fallbacks.labels(experiment, variant),
         )
 
 
+class VariantStats:
+    """Answered requests of one variant: counts per status class and a latency histogram."""
+
+    __slots__ = ("status_counts", "bucket_counts", "duration_sum")
+
+    def __init__(self) -> None:
+        self.status_counts = [0] * len(STATUS_CLASSES)
+        self.bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.duration_sum = 0.0
+
+    def observe(self, status: int, seconds: float) -> None:
+        """Count one answered request (runs on the event loop, like the scrape)."""
+        self.status_counts[min(max(status // 100, 1), 5) - 1] += 1
+        self.bucket_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+
+class _HotPathCollector(Collector):
+    """Exports every variant's `VariantStats` as `balancer_requests_total` and the duration histogram."""
+
+    def __init__(self, variant_stats: dict[tuple[str, str], VariantStats]) -> None:
+        self._variant_stats = variant_stats
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "balancer_requests", "Proxied requests by variant and status class.",
+            labels=["experiment", "variant", "status_class"],
+        )
+        duration = HistogramMetricFamily(
+            "balancer_request_duration_seconds", "Time from request arrival to answer, by variant.",
+            labels=["experiment", "variant"],
+        )
+        for (experiment, variant), stats in list(self._variant_stats.items()):
+            for status_class, count in zip(STATUS_CLASSES, stats.status_counts, strict=True):
+                requests.add_metric([experiment, variant, status_class], count)
+            cumulative = list(accumulate(stats.bucket_counts))
+            bounds = [*(repr(float(bound)) for bound in LATENCY_BUCKETS), "+Inf"]
+            duration.add_metric([experiment, variant], list(zip(bounds, cumulative, strict=True)), stats.duration_sum)
+        yield requests
+        yield duration
+
+
 @dataclass(frozen=True)
 class VariantMetrics:
-    """Label children of one variant."""
+    """Metrics of one variant."""
 
-    status: dict[str, Counter] = field(repr=False)
-    duration: Histogram = field(repr=False)
+    stats: VariantStats
     feedback: Counter = field(repr=False)
     feedback_value: Counter = field(repr=False)
     fallbacks: Counter = field(repr=False)
 
     def observe(self, status: int, seconds: float) -> None:
         """Count one answered request."""
-        self.status[STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]].inc()
-        self.duration.observe(seconds)
+        self.stats.observe(status, seconds)

@@ -126,9 +126,16 @@ class Proxy:
         if request_id is None or REQUEST_ID_PATTERN.match(request_id) is None:
             request_id = f"{self._id_prefix}{next(self._id_counter):010x}"
         try:
-            body = await self._read_body(request)
-            variant, kind = self._assign(request, body, active)
-            unit_id = self._unit_id(request, body, active) if kind == "sticky" else None
+            content = request.content
+            if not request.body_exists:
+                body = b""
+            elif content.is_eof():  # the usual case: the whole body arrived with the headers
+                body = content.read_nowait()
+                if len(body) > self.max_body_bytes:
+                    raise ClientInputError(413, f"request body of {len(body)} bytes exceeds max_body_bytes = {self.max_body_bytes}")
+            else:
+                body = await self._read_body(request)
+            variant, kind, unit_id = self._assign(request, body, active)
         except ClientInputError as exc:
             self.metrics.rejected.labels("bad_request").inc()
             response = json_error(exc.status, str(exc))
@@ -145,7 +152,7 @@ class Proxy:
 
         if upstream_response is not None:
             response = web.Response(status=upstream_response.status, body=upstream_response.body,
-                                    headers=_returned_headers(upstream_response))
+                                    headers=_returned_headers(upstream_response, served_variant, request_id))
         elif isinstance(error, UpstreamTimeoutError):
             response = json_error(504, f"variant {served_variant!r} did not answer in time: {error.reason}", variant=served_variant)
         elif error is None or error.retryable:
@@ -153,8 +160,9 @@ class Proxy:
                                   + (f" (last: {error.reason})" if error else ""), variant=served_variant)
         else:
             response = json_error(502, f"variant {served_variant!r} failed: {error}", variant=served_variant)
-        response.headers["X-Variant"] = served_variant
-        response.headers["X-Request-ID"] = request_id
+        if upstream_response is None:
+            response.headers["X-Variant"] = served_variant
+            response.headers["X-Request-ID"] = request_id
 
         seconds = time.perf_counter() - started
         if self.export_metrics:
@@ -184,16 +192,20 @@ class Proxy:
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _assign(self, request: web.BaseRequest, body: bytes, active: ActiveConfig) -> tuple[str, str]:
+    def _assign(self, request: web.BaseRequest, body: bytes, active: ActiveConfig) -> tuple[str, str, str | None]:
+        """(variant, how it was assigned, unit id if sticky)."""
         forced = request.headers.get(OVERRIDE_HEADER)
         if forced is not None and self._override_allowed(request):
             if forced not in active.variant_metrics:
                 raise ClientInputError(400, f"header {OVERRIDE_HEADER}: {forced!r} is not a variant; expected one of {list(active.variant_metrics)}")
-            return forced, "forced"
+            return forced, "forced", None
         assigner = active.assigner
         if assigner.sticky and assigner.override is None:
-            return assigner.choose(self._unit_id(request, body, active))
-        return assigner.choose(None)
+            unit_id = self._unit_id(request, body, active)
+            variant, kind = assigner.choose(unit_id)
+            return variant, kind, unit_id
+        variant, kind = assigner.choose(None)
+        return variant, kind, None
 
     def _override_allowed(self, request: web.BaseRequest) -> bool:
         if not self.allow_override:
@@ -313,9 +325,10 @@ def _forwarded_headers(request: web.BaseRequest, request_id: str) -> list[tuple[
     return headers
 
 
-def _returned_headers(response: UpstreamResponse) -> CIMultiDict[str]:
-    """The upstream's headers minus hop-by-hop and framing ones (the balancer re-frames the body)."""
-    headers: CIMultiDict[str] = CIMultiDict()
+def _returned_headers(response: UpstreamResponse, variant: str, request_id: str) -> CIMultiDict[str]:
+    """The upstream's headers minus hop-by-hop and framing ones (the balancer re-frames the body),
+    plus X-Variant and X-Request-ID."""
+    pairs: list[tuple[str, str]] = []
     connection_tokens: set[str] = set()
     for name_bytes, value_bytes in response.headers:
         name = name_bytes.decode("latin-1")
@@ -323,7 +336,9 @@ def _returned_headers(response: UpstreamResponse) -> CIMultiDict[str]:
         if lower == "connection":
             connection_tokens.update(token.strip().lower() for token in value_bytes.decode("latin-1").split(","))
         elif lower not in _NOT_RETURNED:
-            headers.add(name, value_bytes.decode("latin-1"))
-    for token in connection_tokens:
-        headers.popall(token, None)
-    return headers
+            pairs.append((name, value_bytes.decode("latin-1")))
+    if connection_tokens:
+        pairs = [(name, value) for name, value in pairs if name.lower() not in connection_tokens]
+    pairs.append(("X-Variant", variant))
+    pairs.append(("X-Request-ID", request_id))
+    return CIMultiDict(pairs)

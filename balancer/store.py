@@ -50,7 +50,6 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_ms     REAL NOT NULL,
     error          TEXT
 );
-CREATE INDEX IF NOT EXISTS requests_by_variant ON requests (experiment, config_version, variant);
 CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT PRIMARY KEY,
     ts         REAL NOT NULL,
