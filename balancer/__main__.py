@@ -38,8 +38,11 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_command(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser."""
+COMMANDS = ("serve", "load", "report", "demo")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's argument parser; `command`, when known, skips importing the others' heavy modules."""
     parser = argparse.ArgumentParser(prog="balancer", description="A/B-testing load balancer for ML model containers.")
     parser.add_argument("--log-level", default=os.environ.get("BALANCER_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,11 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.set_defaults(handler=_load)
 
     report = commands.add_parser("report", help="compare the variants from the outcome store")
-    try:
+    if command in (None, "report"):
+        # numpy, scipy and statsmodels take seconds to import: only the report needs them
         from balancer.report import add_report_arguments
-    except ImportError:  # pragma: no cover - report module absent in a partial checkout
-        report.add_argument("--store", default="var/outcomes.db")
-    else:
+
         add_report_arguments(report)
     report.set_defaults(handler=_report)
 
@@ -81,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `balancer` console script."""
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((word for word in words if word in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

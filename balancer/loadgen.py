@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -48,7 +48,10 @@ class LoadResult:
 
     def percentile(self, q: float) -> float:
         """Latency percentile in ms (NaN without data)."""
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return statistics.quantiles(ordered, n=1000, method="inclusive")[int(q * 10) - 1] if len(ordered) > 1 else ordered[0]
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary."""
