@@ -36,3 +36,39 @@ test-fast: train
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS) var build *.egg-info
+
+# --- Containers: docker-compose.yml names the images; scripts/build_images.py
+# builds them with `docker build --network host` (builds reach the Debian and
+# PyPI mirrors through the host's network), reusing cached layers.
+LOAD_ARGS ?=
+REPORT_ARGS ?=
+# The balancer's admin API (published on 127.0.0.1:8081) needs a bearer token.
+ADMIN_TOKEN_FILE := var/admin-token
+# `exec` needs -T when make runs without a terminal (CI, pipes).
+EXEC_TTY := $(shell [ -t 0 ] || echo -T)
+
+base-image:
+	scripts/build-base-image.sh
+
+build: base-image $(STAMP)
+	$(BIN)/python scripts/build_images.py
+
+$(ADMIN_TOKEN_FILE):
+	@mkdir -p $(@D)
+	@umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))' >$@
+
+up: build $(ADMIN_TOKEN_FILE)
+	BALANCER_ADMIN_TOKEN="$$(cat $(ADMIN_TOKEN_FILE))" $(COMPOSE) up -d --no-build
+	@echo "balancer http://127.0.0.1:8080  admin http://127.0.0.1:8081 (token in $(ADMIN_TOKEN_FILE))  prometheus http://127.0.0.1:9090"
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --tail=200 -f
+
+load: $(STAMP)
+	$(BIN)/python -m balancer load --url http://127.0.0.1:8080 $(LOAD_ARGS)
+
+report:
+	$(COMPOSE) exec $(EXEC_TTY) balancer python -m balancer report --store /data/outcomes.db $(REPORT_ARGS)
