@@ -169,7 +169,9 @@ def render_text(report: dict[str, Any], console: Console) -> None:
         f"mode {report['mode']}  outcome {report['outcome_type'] or 'none yet'}  "
         f"{period['start'] or ''} -> {period['end'] or ''}"
     )
-    body = Text(verdict["headline"], style=VERDICT_STYLES.get(verdict["status"], "bold"))
+    style = VERDICT_STYLES["control_wins"] if verdict["guardrail_failures"] else VERDICT_STYLES.get(
+        verdict["status"], "bold")
+    body = Text(verdict["headline"], style=style)
     for detail in verdict["details"]:
         body.append("\n  " + detail, style="default")
     console.print(Panel(body, title="Verdict", title_align="left"))

@@ -216,11 +216,19 @@ def _traffic_plot(report: dict[str, Any]) -> str:
                 f'fill="{PALETTE[index % len(PALETTE)]}"><title>{_e(name)}: {share * 100:.1f}%</title></rect>'
             )
             bottom += share
-    expected = 0.0
-    for variant in report["variants"][:-1]:
-        expected += variant["expected_share"] or 0.0
-        parts.append(f'<line x1="{_MARGIN["left"]}" y1="{y(expected):.1f}" x2="{_WIDTH - _MARGIN["right"]}" '
-                     f'y2="{y(expected):.1f}" stroke="#000" stroke-dasharray="5 4" stroke-opacity="0.6"/>')
+    expected_share = timeline.get("expected_share") or {}
+    cumulative = [0.0] * len(ts)
+    for name in names[:-1]:
+        shares = expected_share.get(name) or []
+        points = []
+        for i, (t, share) in enumerate(zip(ts, shares, strict=False)):
+            if share is None:
+                continue
+            cumulative[i] += share
+            points += [f"{x(t - step):.1f},{y(cumulative[i]):.1f}", f"{x(t):.1f},{y(cumulative[i]):.1f}"]
+        if points:
+            parts.append(f'<polyline class="expected" points="{" ".join(points)}" fill="none" stroke="#000" '
+                         'stroke-dasharray="5 4" stroke-opacity="0.7"/>')
     parts += _legend(names)
     return _frame("plot-traffic", title, parts)
 
@@ -284,7 +292,8 @@ def _version_rows(report: dict[str, Any]) -> list[list[str]]:
 def html_page(report: dict[str, Any]) -> str:
     """One self-contained HTML page: verdict, tables and three inline SVG plots."""
     verdict = report["verdict"]
-    color = _VERDICT_COLORS.get(verdict["status"], "#444")
+    color = _VERDICT_COLORS["control_wins"] if verdict["guardrail_failures"] else _VERDICT_COLORS.get(
+        verdict["status"], "#444")
     details = "".join(f"<li>{_e(d)}</li>" for d in verdict["details"])
     srm = report["srm"]
     interval = (report.get("timeline") or {}).get("interval", "interval")

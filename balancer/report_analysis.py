@@ -350,11 +350,22 @@ def _general_warnings(data: ExperimentData, settings: AnalysisSettings, warnings
 def _timeline(data: ExperimentData, requests: NDArray[np.float64], lift: dict[str, Any]) -> dict[str, Any]:
     ends = data.bucket_edges[1:]
     per_bucket = requests.sum(axis=0)  # (variant, bucket)
+    # Expected split per bucket: each version's normalized weights, weighted by its traffic in the bucket.
+    by_version = requests.sum(axis=1)  # (version, bucket)
+    expected = np.zeros(per_bucket.shape)
+    for index, version in enumerate(data.versions):
+        total = sum(version.weights.values())
+        if total > 0:
+            shares = np.array([version.weights.get(name, 0.0) / total for name in data.variants])
+            expected += shares[:, None] * by_version[index][None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected_share = expected / expected.sum(axis=0, keepdims=True)
     return {
         "ts": ends.tolist(),
         "time": [_iso(float(ts)) for ts in ends],
         "traffic": {name: per_bucket[k].astype(int).tolist() for k, name in enumerate(data.variants)},
-        **lift,
+        "expected_share": {name: expected_share[k].tolist() for k, name in enumerate(data.variants)},
+        **(lift or {}),
     }
 
 

@@ -78,11 +78,11 @@ def verdict(report: dict[str, Any], settings: AnalysisSettings) -> dict[str, Any
             status, winner = "winner", best["variant"]
             headline = f"{winner} beats {best['control']} on the outcome: lift {_percent(best['lift'])} {_interval(best)}."
             failures = [
-                f"{g['metric']} ({g['status']})" for g in report["guardrails"]
+                g["metric"] for g in report["guardrails"]
                 if g["variant"] == winner and g["status"] == "fail"
             ]
             if failures:
-                headline = headline[:-1] + f", but it fails the guardrail on {', '.join(failures)}."
+                headline = headline[:-1] + f", but it fails the {' and '.join(failures)} guardrail{'s' if len(failures) > 1 else ''}."
         elif worse and len(worse) == len(rows):
             status, winner = "control_wins", rows[0]["control"]
             headline = f"{winner} (control) beats " + ", ".join(row["variant"] for row in worse) + " on the outcome."

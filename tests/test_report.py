@@ -200,6 +200,8 @@ def test_per_version_analysis_uses_each_versions_weights(tmp_path: Path) -> None
     assert second["weights"] == {"model_a": 4.0, "model_b": 1.0}
     assert [v["outcome_mean"] for v in second["variants"]] == [1.0, 1.0]
     assert variant(report, "model_a")["expected_share"] == pytest.approx(0.65)
+    expected_share = report["timeline"]["expected_share"]["model_a"]
+    assert expected_share[0] == pytest.approx(0.5) and expected_share[-1] == pytest.approx(0.8)
 
 
 def test_settings_come_from_the_config_analysis_section(tmp_path: Path) -> None:
@@ -230,6 +232,17 @@ def test_three_variants_get_holm_adjusted(tmp_path: Path) -> None:
     assert rows["model_b"]["p_value_adjusted"] == pytest.approx(max(p_b, 2 * p_c))
     assert rows["model_b"]["ci_level"] == pytest.approx(0.975)
     assert report["verdict"]["winner"] == "model_c"
+
+
+def test_winner_failing_a_guardrail_is_called_out(tmp_path: Path) -> None:
+    builder = StoreBuilder(tmp_path / "guardrail.db")
+    builder.config(1, {"model_a": 1, "model_b": 1})
+    for i in range(400):
+        builder.request("model_a", value=1.0 if i < 80 else 0.0)
+        builder.request("model_b", value=1.0 if i < 160 else 0.0, status=503 if i % 5 == 0 else 200)
+    report = build_report(builder.close(), settings=FIXED)
+    assert report["verdict"]["status"] == "winner" and report["verdict"]["guardrail_failures"] == ["error_rate"]
+    assert report["verdict"]["headline"].endswith("but it fails the error_rate guardrail.")
 
 
 def test_errors_count_status_500_and_error_text(tmp_path: Path) -> None:

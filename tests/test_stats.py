@@ -244,7 +244,7 @@ def test_confidence_sequence_covers_at_every_look() -> None:
 
 @pytest.mark.parametrize("kind", ["binary", "numeric"])
 def test_a_a_false_positive_rate_is_near_alpha(kind: str) -> None:
-    runs, n, alpha = 1500, 2000, 0.05
+    runs, n, alpha = 1200, 2000, 0.05
     rng = np.random.default_rng(21 if kind == "binary" else 22)
     if kind == "binary":
         successes = rng.binomial(n, 0.1, size=(runs, 2))
@@ -281,7 +281,7 @@ def test_intervals_cover_a_known_lift(kind: str) -> None:
 
 
 def test_holm_controls_family_wise_error_with_three_treatments() -> None:
-    runs, n, alpha = 1500, 1000, 0.05
+    runs, n, alpha = 800, 1000, 0.05
     rng = np.random.default_rng(41)
     successes = rng.binomial(n, 0.1, size=(runs, 4))
     false_positive = 0
@@ -358,7 +358,7 @@ def test_bootstrap_without_subsampling_equals_scipy() -> None:
 
 
 def test_subsampled_bootstrap_covers_true_quantile_difference() -> None:
-    runs, n, alpha = 200, 5_000, 0.05
+    runs, n, alpha = 150, 5_000, 0.05
     rng = np.random.default_rng(8)
     truth = np.exp(3 + 0.5 * scipy_stats.norm.ppf(0.95)) * (1.1 - 1.0)
     missed = 0
