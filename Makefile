@@ -45,7 +45,7 @@ REPORT_ARGS ?=
 # The balancer's admin API (published on 127.0.0.1:8081) needs a bearer token.
 ADMIN_TOKEN_FILE := var/admin-token
 # `exec` needs -T when make runs without a terminal (CI, pipes).
-EXEC_TTY := $(shell [ -t 0 ] || echo -T)
+EXEC_TTY := $(shell [ -t 0 ] || echo -T -e COLUMNS=120)
 
 base-image:
 	scripts/build-base-image.sh
@@ -59,6 +59,7 @@ $(ADMIN_TOKEN_FILE):
 
 up: build $(ADMIN_TOKEN_FILE)
 	BALANCER_ADMIN_TOKEN="$$(cat $(ADMIN_TOKEN_FILE))" $(COMPOSE) up -d --no-build
+	@$(PYTHON) scripts/wait_ready.py --token-file $(ADMIN_TOKEN_FILE) --timeout 120
 	@echo "balancer http://127.0.0.1:8080  admin http://127.0.0.1:8081 (token in $(ADMIN_TOKEN_FILE))  prometheus http://127.0.0.1:9090"
 
 down:
