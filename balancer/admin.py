@@ -116,26 +116,38 @@ async def upstreams(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY_KEY].describe())
 
 
-async def _build_report(request: web.Request) -> dict[str, Any]:
-    from balancer.report import build_report  # imported lazily: scipy and statsmodels are heavy
+async def _build_report(request: web.Request) -> dict[str, Any] | web.Response:
+    """The report of the active experiment, or a JSON error when there is nothing to report yet."""
+    from balancer.report import ReportError, build_report  # imported lazily: scipy and statsmodels are heavy
 
     events = request.app[EVENTS_KEY]
+    runtime = request.app[RUNTIME_KEY]
+    assert runtime.active is not None
     await asyncio.to_thread(events.flush)
-    return await asyncio.to_thread(build_report, events.path)
+    try:
+        return await asyncio.to_thread(build_report, events.path, experiment=runtime.active.experiment.name)
+    except ReportError as exc:
+        return json_error(404, str(exc))
 
 
 async def report_json(request: web.Request) -> web.Response:
     """The comparison report as JSON, computed from the store now."""
     from balancer.render import render_json
 
-    return web.Response(text=render_json(await _build_report(request)), content_type="application/json")
+    report = await _build_report(request)
+    if isinstance(report, web.Response):
+        return report
+    return web.Response(text=render_json(report), content_type="application/json")
 
 
 async def report_html(request: web.Request) -> web.Response:
     """The comparison report as a self-contained HTML page."""
     from balancer.render import render_html
 
-    return web.Response(text=render_html(await _build_report(request)), content_type="text/html")
+    report = await _build_report(request)
+    if isinstance(report, web.Response):
+        return report
+    return web.Response(text=render_html(report), content_type="text/html")
 
 
 def set_top_level_keys(body: str, values: dict[str, str | None]) -> str:

@@ -133,8 +133,12 @@ class UpstreamRegistry:
                 endpoint = known.get((url, address, port))
                 if endpoint is None:
                     endpoint = Endpoint(variant=variant, url=url, pool=self._pool(address, port))
-                    if upstreams.endpoints:
-                        logger.info("variant %s: new upstream %s (%s)", variant, endpoint.address, url)
+                    if upstreams.endpoints and self._session is not None:
+                        # A replica that just appeared (e.g. `--scale`) may still be starting: it
+                        # joins the rotation after its first passing health check, not before.
+                        endpoint.healthy = False
+                        self._admit_later(endpoint)
+                        logger.info("variant %s: new upstream %s (%s), admitted once healthy", variant, endpoint.address, url)
                 endpoints.append(endpoint)
                 live_addresses.add(endpoint.pool.address)
             if not endpoints and upstreams.endpoints:
@@ -201,6 +205,20 @@ class UpstreamRegistry:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+    def _admit_later(self, endpoint: Endpoint) -> None:
+        task = asyncio.create_task(self._admit(endpoint))
+        self._tasks.append(task)
+        task.add_done_callback(lambda done: self._tasks.remove(done) if done in self._tasks else None)
+
+    async def _admit(self, endpoint: Endpoint) -> None:
+        """Check a new endpoint until it passes (then it joins the rotation) or a minute passes."""
+        for _ in range(120):
+            if await self._check(endpoint):
+                endpoint.healthy = True
+                logger.info("upstream %s (%s) passed its first health check", endpoint.address, endpoint.variant)
+                return
+            await asyncio.sleep(0.5)
 
     async def _dns_loop(self) -> None:
         while True:

@@ -175,3 +175,25 @@ async def test_admin_experiment_shows_version_and_hash(stack: Stack) -> None:
     assert described["weights"] == {"model_a": 50.0, "model_b": 50.0}
     assert {endpoint["variant"] for endpoint in endpoints} == {"model_a", "model_b"}
     assert all(endpoint["healthy"] for endpoint in endpoints)
+
+
+async def test_live_report_on_the_admin_port(stack: Stack) -> None:
+    users = [f"report-{i}" for i in range(200)]
+    results = await drive(stack, users)
+    async with aiohttp.ClientSession() as session:
+        for _, _, _, body in results[:150]:
+            async with session.post(f"{stack.url}/feedback", json={"request_id": body["request_id"], "value": 1}) as reply:
+                assert reply.status == 202
+        async with session.get(f"{stack.admin}/report.json") as reply:
+            assert reply.status == 200
+            report = await reply.json()
+        async with session.get(f"{stack.admin}/report") as reply:
+            assert reply.status == 200 and reply.content_type == "text/html"
+            page = await reply.text()
+    assert report["experiment"] == "it-exp"
+    by_name = {variant["name"]: variant for variant in report["variants"]}
+    assert set(by_name) == {"model_a", "model_b"}
+    stored = dict(store_rows(stack, "SELECT variant, COUNT(*) FROM requests GROUP BY variant"))
+    assert {name: variant["requests"] for name, variant in by_name.items()} == stored
+    assert "srm" in report and "p_value" in report["srm"]
+    assert 'id="plot-cumulative-lift"' in page and "model_b" in page
