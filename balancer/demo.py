@@ -18,10 +18,9 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from rich.console import Console
-
 from balancer.config import load_experiment
 from balancer.loadgen import default_holdout_path, load_holdout, print_summary, run_load
+from balancer.render import render_html, render_text, report_console
 
 CONFIG = Path("experiments/default.yaml")
 
@@ -51,7 +50,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     """Run the whole loop once and print the report."""
-    console = Console()
+    console = report_console()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "outcomes.db"
@@ -87,11 +86,10 @@ def demo_command(args: argparse.Namespace) -> int:
         print_summary(console, result.summary())
     # all processes stopped: the balancer flushed its log on SIGTERM
 
-    from balancer.render import render_html, render_text
-    from balancer.report import build_report
+    from balancer.report import build_report  # scipy and statsmodels: imported once the traffic is done
 
     report = build_report(store)
-    render_text(report, console)
+    render_text(report, report_console())
     html = workdir / "report.html"
     html.write_text(render_html(report), encoding="utf-8")
     console.print(f"HTML report: {html.resolve()}")

@@ -27,6 +27,12 @@ VERDICT_STYLES: Final = {
 _GUARDRAIL_STYLES: Final = {"pass": "green", "fail": "bold red", "inconclusive": "yellow"}
 
 
+def report_console() -> Console:
+    """A console for the text report: the terminal's width, or 120 columns when writing to a pipe or file."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 def render_json(report: dict[str, Any]) -> str:
     """The report as indented JSON (NaN never appears: missing numbers are null)."""
     return json.dumps(report, indent=2, allow_nan=False)

@@ -254,7 +254,7 @@ def report_command(args: argparse.Namespace) -> int:
     """Run `balancer report`: 0 on success, 2 when the store or experiment is missing."""
     from rich.console import Console
 
-    from balancer.render import render_html, render_json, render_text
+    from balancer.render import render_html, render_json, render_text, report_console
 
     error_console = Console(stderr=True, soft_wrap=True)
     try:
@@ -266,7 +266,7 @@ def report_command(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     if output_format == "text":
         if out is None:
-            render_text(report, Console())
+            render_text(report, report_console())
         else:
             with open(out, "w", encoding="utf-8") as handle:
                 render_text(report, Console(file=handle, width=120, no_color=True))
