@@ -81,7 +81,8 @@ class Balancer:
     async def start(self) -> None:
         """Open the store, apply the config, start listening."""
         settings = self.settings
-        self.events = EventLog(settings.store, flush_interval_s=settings.flush_interval_s)
+        self.events = EventLog(settings.store, flush_interval_s=settings.flush_interval_s,
+                               recent_ids=settings.recent_request_ids)
         self.metrics = BalancerMetrics()
         self.registry = UpstreamRegistry(self.loaded.experiment.upstream)
         self.runtime = Runtime(self.options.config, self.events, self.metrics, self.registry)
@@ -91,7 +92,10 @@ class Balancer:
         self.runtime.watch()
         self.proxy = Proxy(self.runtime, self.registry, self.events, self.metrics)
 
-        server = web.Server(self.proxy.handle, handler_cancellation=False, access_log=None)
+        # aiohttp's own keep-alive default is an hour; a client that idles (or never finishes its
+        # headers) should not hold a socket that long.
+        server = web.Server(self.proxy.handle, handler_cancellation=False, access_log=None,
+                            keepalive_timeout=settings.client_keepalive_timeout_s)
         self.public_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.options.drain_timeout_s)
         await self.public_runner.setup()
         await web.TCPSite(self.public_runner, settings.host, settings.port, backlog=1024).start()

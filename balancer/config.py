@@ -8,6 +8,7 @@ Every error names the file, the line, the key and the offending value, e.g.::
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -87,8 +88,14 @@ class ServerSettings(_Frozen):
     admin_port: Annotated[int, Field(ge=0, le=65535)] = 8081
     store: str = "var/outcomes.db"
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+    # Request ids remembered in memory (~160 bytes each) so feedback joins without reading the store.
+    recent_request_ids: Annotated[int, Field(ge=0, le=10_000_000)] = 200_000
     max_in_flight: Annotated[int, Field(ge=1)] = 1024
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+    # A client that sent its headers has this long to send the rest of its body (408 after).
+    client_body_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # Idle keep-alive (and half-sent request headers) on the public port are closed after this.
+    client_keepalive_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 75.0
     allow_override_header: bool = True
     trusted_override_sources: tuple[str, ...] = ()
     log_request_data: bool = False
@@ -146,8 +153,11 @@ class Experiment(_Frozen):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"variant names must be unique, {duplicates} repeated")
-        if sum(variant.weight for variant in self.variants) <= 0:
+        total = sum(variant.weight for variant in self.variants)
+        if total <= 0:
             raise ValueError("at least one variant needs a weight > 0")
+        if math.isinf(total):  # each weight is finite, but the split divides by their sum
+            raise ValueError(f"the weights {[variant.weight for variant in self.variants]} sum to infinity")
         for key in ("control", "winner"):
             chosen = getattr(self, key)
             if chosen is not None and chosen not in names:
@@ -198,6 +208,11 @@ def parse_experiment(body: str, *, source: str = "<string>") -> LoadedConfig:
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from exc
+    except (ValueError, RecursionError) as exc:
+        # PyYAML lets a bad scalar escape as a bare ValueError (`2001-02-30` is a timestamp but no
+        # date), and its composer recurses once per nesting level.
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError(f"{source}: invalid YAML: {problem}") from exc
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: the file must be a mapping of keys, got {type(document).__name__}")
     try:
@@ -224,6 +239,7 @@ def _describe_validation_error(exc: ValidationError, document: Any, body: str, s
     lines = []
     errors = exc.errors(include_url=False)
     failed_locations = [tuple(error["loc"]) for error in errors]
+    root = yaml.compose(body)  # once, not per error: safe_load already parsed this text
     for error in errors:
         location = tuple(error["loc"])
         if error["type"] == "too_short" and any(
@@ -231,7 +247,7 @@ def _describe_validation_error(exc: ValidationError, document: Any, body: str, s
         ):
             continue  # a list counted short only because one of its items failed: that item's error says it
         key = _format_location(location)
-        line = _line_of(body, location)
+        line = _line_of(root, location)
         where = f"{source}:{line}" if line else source
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
@@ -265,12 +281,8 @@ def _value_at(document: Any, location: tuple[Any, ...]) -> Any:
     return node
 
 
-def _line_of(body: str, location: tuple[Any, ...]) -> int | None:
-    """1-based line of the YAML node at `location`, or of its nearest existing parent."""
-    try:
-        node = yaml.compose(body)
-    except yaml.YAMLError:
-        return None
+def _line_of(node: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at `location` under `node`, or of its nearest existing parent."""
     line = None
     for item in location:
         if isinstance(node, yaml.MappingNode):

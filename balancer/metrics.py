@@ -45,7 +45,8 @@ class BalancerMetrics:
         self.feedback = Counter(
             "balancer_feedback", "Feedback values received, by variant.", ["experiment", "variant"], registry=r,
         )
-        self.feedback_value = Counter(
+        # A gauge, not a counter: feedback may be negative (a loss, a cost), and a counter refuses that.
+        self.feedback_value = Gauge(
             "balancer_feedback_value_sum", "Sum of feedback values, by variant.", ["experiment", "variant"], registry=r,
         )
         self.weight = Gauge(
@@ -121,7 +122,7 @@ class VariantMetrics:
 
     stats: VariantStats
     feedback: Counter = field(repr=False)
-    feedback_value: Counter = field(repr=False)
+    feedback_value: Gauge = field(repr=False)
     fallbacks: Counter = field(repr=False)
 
     def observe(self, status: int, seconds: float) -> None:

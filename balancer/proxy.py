@@ -36,7 +36,7 @@ from balancer.upstreams import Endpoint, UpstreamRegistry
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")  # \Z: `$` would let a trailing newline in
 OVERRIDE_HEADER = "X-Variant"
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself.
 _NOT_FORWARDED = frozenset({
@@ -76,6 +76,7 @@ class Proxy:
         server = runtime.active.experiment.server
         self.max_in_flight = server.max_in_flight
         self.max_body_bytes = server.max_body_bytes
+        self.client_body_timeout_s = server.client_body_timeout_s
         self.allow_override = server.allow_override_header
         self.trusted_override_sources = tuple(ipaddress.ip_network(s, strict=False) for s in server.trusted_override_sources)
         self.log_request_data = server.log_request_data
@@ -178,11 +179,23 @@ class Proxy:
         return response
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
+        """The body, at most max_body_bytes (else 413); one still arriving must end within client_body_timeout_s (else 408)."""
         if not request.body_exists:
             return b""
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise ClientInputError(413, f"request body of {length} bytes exceeds max_body_bytes = {self.max_body_bytes}")
+        if request.content.is_eof():  # fully buffered: nothing can stall, no timer needed
+            return await self._read_chunks(request)
+        try:
+            async with asyncio.timeout(self.client_body_timeout_s):
+                return await self._read_chunks(request)
+        except TimeoutError:
+            raise ClientInputError(
+                408, f"request body not received within client_body_timeout_s = {self.client_body_timeout_s:g}s"
+            ) from None
+
+    async def _read_chunks(self, request: web.BaseRequest) -> bytes:
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_any():
@@ -271,8 +284,11 @@ class Proxy:
     async def feedback(self, request: web.BaseRequest) -> web.Response:
         """POST /feedback {"request_id": "...", "value": 1}: attach delayed ground truth."""
         try:
-            document = await request.json()
-        except (ValueError, UnicodeDecodeError):
+            # Bytes, not request.json(): that decodes with the client's charset (unknown ones raise).
+            document = json.loads(await self._read_body(request))
+        except ClientInputError as exc:
+            return json_error(exc.status, str(exc))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
             return json_error(400, "body is not valid JSON")
         if not isinstance(document, dict):
             return json_error(400, "body must be a JSON object with 'request_id' and 'value'")
@@ -280,9 +296,8 @@ class Proxy:
         value = document.get("value")
         if not isinstance(request_id, str) or REQUEST_ID_PATTERN.match(request_id) is None:
             return json_error(400, f"field 'request_id' must be a request id string, got {request_id!r}"[:300])
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        number = _finite_number(value)
+        if number is None:
             return json_error(400, f"field 'value' must be a finite number, got {value!r}"[:300])
         unknown = sorted(set(document) - {"request_id", "value"})
         if unknown:
@@ -292,14 +307,25 @@ class Proxy:
             variant = await asyncio.to_thread(self.events.variant_of, request_id)
         if variant is None:
             return json_error(404, f"request_id {request_id!r} is unknown")
-        self.events.record_feedback(request_id, float(value))
+        self.events.record_feedback(request_id, number)
         active = self.runtime.active
         assert active is not None
         children = active.variant_metrics.get(variant)
         if children is not None:
             children.feedback.inc()
-            children.feedback_value.inc(float(value))
+            children.feedback_value.inc(number)
         return web.json_response({"status": "recorded", "request_id": request_id, "variant": variant}, status=202)
+
+
+def _finite_number(value: object) -> float | None:
+    """A JSON number (true/false count as 1/0) as a finite float, else None."""
+    if not isinstance(value, (int, float)):  # bool is an int
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range, e.g. 10**400
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _forwarded_headers(request: web.BaseRequest, request_id: str) -> list[tuple[bytes, bytes]]:

@@ -59,7 +59,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "transport", "parser", "waiter", "headers", "body", "closed", "keep_alive",
-        "received_any", "address", "timer",
+        "received_any", "address", "timer", "response_headers",
     )
 
     def __init__(self, address: str) -> None:
@@ -73,6 +73,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.received_any = False
         self.timer: asyncio.TimerHandle | None = None
+        self.response_headers: list[tuple[bytes, bytes]] = []
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,6 +100,12 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
+    def on_headers_complete(self) -> None:
+        # httptools reports a chunked body's trailer fields through on_header too: from here on they
+        # land in a list nobody reads, never promoted to response headers (RFC 9110 §6.5.1).
+        self.response_headers = self.headers
+        self.headers = []
+
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
@@ -109,7 +116,7 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.headers, body))
+            waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.response_headers, body))
 
     # client side
     def send(self, payload: bytes, timeout: float) -> asyncio.Future[UpstreamResponse]:
