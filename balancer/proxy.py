@@ -43,6 +43,7 @@ _NOT_FORWARDED = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
     b"x-variant", b"x-request-id", b"x-forwarded-for",
+    b"expect",  # the body is already complete: upstream it could only provoke a 100 Continue
 })
 _NOT_RETURNED = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "te", "trailer", "trailers",
@@ -187,6 +188,10 @@ class Proxy:
             raise ClientInputError(413, f"request body of {length} bytes exceeds max_body_bytes = {self.max_body_bytes}")
         if request.content.is_eof():  # fully buffered: nothing can stall, no timer needed
             return await self._read_chunks(request)
+        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+            # The client waits for this before it sends the body (the low-level server does not send it).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
         try:
             async with asyncio.timeout(self.client_body_timeout_s):
                 return await self._read_chunks(request)

@@ -110,13 +110,18 @@ class _Connection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:  # interim (100 Continue, 103 Early Hints): the final response follows
+            self.headers = []
+            self.body = []
+            return
         self.keep_alive = self.parser.should_keep_alive()
         if self.timer is not None:
             self.timer.cancel()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.response_headers, body))
+            waiter.set_result(UpstreamResponse(status, self.response_headers, body))
 
     # client side
     def send(self, payload: bytes, timeout: float) -> asyncio.Future[UpstreamResponse]:
