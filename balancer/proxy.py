@@ -146,7 +146,8 @@ class Proxy:
 
         served_variant = variant
         endpoint, upstream_response, error = await self._forward(request, body, request_id, variant, active)
-        if upstream_response is None and experiment.upstream.on_variant_down == "fallback" and variant != experiment.control_name:
+        variant_down = upstream_response is None and (error is None or error.retryable)  # nothing accepted a connection
+        if variant_down and experiment.upstream.on_variant_down == "fallback" and variant != experiment.control_name:
             served_variant = experiment.control_name
             kind = "fallback"
             active.variant_metrics[variant].fallbacks.inc()
@@ -272,7 +273,7 @@ class Proxy:
             payload = serialize_request(method, request.raw_path, endpoint.pool.authority, headers, body)
             timeout = min(settings.try_timeout_s, deadline - time.monotonic())
             try:
-                response = await endpoint.pool.request(payload, timeout)
+                response = await endpoint.pool.request(payload, timeout, head=method == "HEAD")
             except UpstreamError as exc:
                 error = exc
                 self.registry.record_failure(endpoint)

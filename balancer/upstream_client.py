@@ -59,7 +59,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "transport", "parser", "waiter", "headers", "body", "closed", "keep_alive",
-        "received_any", "address", "timer", "response_headers",
+        "received_any", "address", "timer", "response_headers", "head",
     )
 
     def __init__(self, address: str) -> None:
@@ -74,6 +74,7 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self.timer: asyncio.TimerHandle | None = None
         self.response_headers: list[tuple[bytes, bytes]] = []
+        self.head = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -105,6 +106,14 @@ class _Connection(asyncio.Protocol):
         # land in a list nobody reads, never promoted to response headers (RFC 9110 §6.5.1).
         self.response_headers = self.headers
         self.headers = []
+        if self.head and self.parser.get_status_code() >= 200:
+            # A HEAD response has no body whatever its Content-Length says, but the parser cannot be
+            # told so: answer now and retire the connection rather than wait for bytes that never come.
+            self.keep_alive = False
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.response_headers, b""))
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -124,9 +133,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(UpstreamResponse(status, self.response_headers, body))
 
     # client side
-    def send(self, payload: bytes, timeout: float) -> asyncio.Future[UpstreamResponse]:
-        """Write one request; the future resolves with its response."""
+    def send(self, payload: bytes, timeout: float, head: bool = False) -> asyncio.Future[UpstreamResponse]:
+        """Write one request (`head`: it is a HEAD request); the future resolves with its response."""
         loop = asyncio.get_running_loop()
+        self.head = head
         self.waiter = loop.create_future()
         self.headers = []
         self.body = []
@@ -166,7 +176,7 @@ class ConnectionPool:
         self._idle: deque[_Connection] = deque()
         self._closed = False
 
-    async def request(self, payload: bytes, timeout: float) -> UpstreamResponse:
+    async def request(self, payload: bytes, timeout: float, *, head: bool = False) -> UpstreamResponse:
         """Send one serialized request and return the complete response.
 
         A reused connection that turns out to have been closed by the upstream while
@@ -175,16 +185,16 @@ class ConnectionPool:
         connection = self._take_idle()
         if connection is not None:
             try:
-                return await self._exchange(connection, payload, timeout)
+                return await self._exchange(connection, payload, timeout, head)
             except UpstreamClosedError as exc:
                 if not exc.retryable:
                     raise
         connection = await self._connect()
-        return await self._exchange(connection, payload, timeout)
+        return await self._exchange(connection, payload, timeout, head)
 
-    async def _exchange(self, connection: _Connection, payload: bytes, timeout: float) -> UpstreamResponse:
+    async def _exchange(self, connection: _Connection, payload: bytes, timeout: float, head: bool) -> UpstreamResponse:
         try:
-            response = await connection.send(payload, timeout)
+            response = await connection.send(payload, timeout, head)
         except asyncio.CancelledError:
             connection.close()
             raise

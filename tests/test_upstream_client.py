@@ -1,0 +1,112 @@
+"""The lean upstream client against small in-process servers: framing, reuse, HEAD, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from balancer.upstream_client import (
+    ConnectionPool,
+    UpstreamConnectError,
+    UpstreamTimeoutError,
+    serialize_request,
+)
+
+Reply = Callable[[bytes], bytes | None]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Callable[[Reply], asyncio.Future[tuple[int, list[int]]]]]:
+    """Start a raw TCP server answering each request head with `reply(head)`; yields (port, connection count)."""
+    servers: list[asyncio.Server] = []
+
+    async def start(reply: Reply) -> tuple[int, list[int]]:
+        connections = [0]
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections[0] += 1
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), 0)
+                    await reader.readexactly(length)
+                    answer = reply(head)
+                    if answer is None:
+                        writer.close()
+                        return
+                    writer.write(answer)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        tcp = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(tcp)
+        return tcp.sockets[0].getsockname()[1], connections
+
+    yield start  # type: ignore[misc]
+    for tcp in servers:
+        tcp.close()
+
+
+def request(pool: ConnectionPool, method: str = "POST", body: bytes = b"{}") -> bytes:
+    return serialize_request(method, "/predict?x=1", pool.authority, [(b"X-Test", b"1")], body)
+
+
+async def test_keep_alive_connections_are_reused(server) -> None:  # type: ignore[no-untyped-def]
+    port, connections = await server(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    pool = ConnectionPool("127.0.0.1", port)
+    for _ in range(5):
+        response = await pool.request(request(pool), 1.0)
+        assert (response.status, response.body) == (200, b"ok")
+    assert connections[0] == 1 and pool.idle_count == 1
+    pool.close()
+
+
+async def test_chunked_response_is_reassembled(server) -> None:  # type: ignore[no-untyped-def]
+    port, _ = await server(lambda head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    pool = ConnectionPool("127.0.0.1", port)
+    response = await pool.request(request(pool), 1.0)
+    assert response.body == b"abcde"
+    pool.close()
+
+
+async def test_head_response_with_content_length_does_not_wait_for_a_body(server) -> None:  # type: ignore[no-untyped-def]
+    port, _ = await server(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+    pool = ConnectionPool("127.0.0.1", port)
+    response = await asyncio.wait_for(pool.request(request(pool, "HEAD", b""), 2.0, head=True), 1.0)
+    assert response.status == 200 and response.body == b""
+    assert pool.idle_count == 0  # the connection is retired, never reused half-parsed
+    pool.close()
+
+
+async def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one(server) -> None:  # type: ignore[no-untyped-def]
+    answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", None, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"])
+    port, connections = await server(lambda head: next(answers))
+    pool = ConnectionPool("127.0.0.1", port)
+    assert (await pool.request(request(pool), 1.0)).body == b"a"
+    assert (await pool.request(request(pool), 1.0)).body == b"b"  # first try hit a closing socket
+    assert connections[0] == 2
+    pool.close()
+
+
+async def test_timeout_and_refused_connection(server) -> None:  # type: ignore[no-untyped-def]
+    never = asyncio.get_running_loop().create_future()
+    port, _ = await server(lambda head: b"")  # reads the request, never answers
+    pool = ConnectionPool("127.0.0.1", port)
+    with pytest.raises(UpstreamTimeoutError, match="within 0.2s"):
+        await pool.request(request(pool), 0.2)
+    refused = ConnectionPool("127.0.0.1", 1, connect_timeout=0.5)
+    with pytest.raises(UpstreamConnectError) as error:
+        await refused.request(request(refused), 1.0)
+    assert error.value.retryable
+    pool.close()
+    never.cancel()
+
+
+def test_serialized_request_sets_host_and_length() -> None:
+    payload = serialize_request("POST", "/p?q=1", "model_a:8001", [(b"X-A", b"1")], b"abc")
+    assert payload == b"POST /p?q=1 HTTP/1.1\r\nHost: model_a:8001\r\nX-A: 1\r\nContent-Length: 3\r\n\r\nabc"
+    assert b"Content-Length" not in serialize_request("GET", "/", "h", [], b"")
