@@ -89,6 +89,8 @@ class Proxy:
         self._idle.set()
         self._id_prefix = os.urandom(5).hex()
         self._id_counter = itertools.count(1)
+        self._id_entropy = ""
+        self._id_entropy_at = 0
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for every request on the public port."""
@@ -109,6 +111,19 @@ class Proxy:
             if self.in_flight == 0:
                 self._idle.set()
 
+    def _new_request_id(self) -> str:
+        """Process prefix + counter (ids sort by arrival, so the store appends) + 48 random bits.
+
+        The random part makes ids unguessable, so nobody can post feedback for someone else's
+        request; it is drawn from the OS 4,096 ids at a time to keep the syscall off the hot path.
+        """
+        at = self._id_entropy_at
+        if at >= len(self._id_entropy):
+            self._id_entropy = os.urandom(6 * 4096).hex()
+            at = 0
+        self._id_entropy_at = at + 12
+        return f"{self._id_prefix}{next(self._id_counter):010x}{self._id_entropy[at:at + 12]}"
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (graceful stop); False if the timeout passed first."""
         try:
@@ -126,7 +141,7 @@ class Proxy:
         experiment = active.experiment
         request_id = request.headers.get("X-Request-ID")
         if request_id is None or REQUEST_ID_PATTERN.match(request_id) is None:
-            request_id = f"{self._id_prefix}{next(self._id_counter):010x}"
+            request_id = self._new_request_id()
         try:
             content = request.content
             if not request.body_exists:
