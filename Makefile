@@ -73,3 +73,10 @@ load: $(STAMP)
 
 report:
 	$(COMPOSE) exec $(EXEC_TTY) balancer python -m balancer report --store /data/outcomes.db $(REPORT_ARGS)
+
+# --- Benchmarks (issue #9): one interleaved run of every configuration writes BENCHMARKS.md (~7 min).
+# BENCH_ARGS=--quick for a 1-2 minute smoke run; --profile adds a py-spy profile of the balancer.
+BENCH_ARGS ?=
+
+bench: train
+	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -1,0 +1,189 @@
+"""`python -m bench [--quick] [--profile]`: run every benchmark of issue #9 and write BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import NoReturn
+
+from rich.console import Console
+
+from bench.errors import BenchError
+from bench.nginx import nginx_command
+from bench.profile import record_profile
+from bench.report import BenchResults, evaluate_targets, render_report
+from bench.runs import FULL, QUICK, Settings, interleaved, measure_fixed_rate, measure_saturation, median, openloop_command
+from bench.stack import FEATURE_CONFIGURATIONS, KINDS, Stack, Target, check_split
+from bench.tools import describe_code, describe_machine, ensure_tools, load_average
+from bench.wrk import wrk_command
+from tests.processes import REPO, artifacts_dir
+
+logger = logging.getLogger("bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The harness's command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one short round of everything (~1-2 minutes)")
+    parser.add_argument("--profile", action="store_true", help="also sample the balancer with py-spy at saturation")
+    parser.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md", help="report file (default: %(default)s)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, stores)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; exit code 0 when the report was written."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    settings = QUICK if args.quick else FULL
+    if args.rounds:
+        settings = replace(settings, rounds=args.rounds)
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        results = run(settings, quick=args.quick, profile=args.profile, keep=args.keep)
+    except BenchError as exc:
+        console.print(f"[red]bench failed:[/red] {exc}")
+        return 1
+    args.output.write_text(render_report(results))
+    console.print(f"wrote {args.output} ({results.seconds / 60:.1f} min; load average {results.load_before} → "
+                  f"{results.load_after})")
+    for check in evaluate_targets(results):
+        verdict = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}[check.met]
+        console.print(f"  {check.kind:5} {check.goal}: {check.measured:.2f} {check.unit} {verdict} {check.shortfall}")
+    return 0
+
+
+def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchResults:
+    """Start everything, measure, stop everything; the results."""
+    tools = ensure_tools()
+    machine = {**describe_machine(tools), "code measured": describe_code(REPO)}
+    artifacts = artifacts_dir()
+    started, clock = datetime.now(UTC), time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    workdir.chmod(0o711)  # nginx workers run as nobody when started by root
+    body_file = workdir / "body.json"
+    logger.info("work folder %s%s", workdir, "" if keep else " (removed after a successful run; --keep keeps it)")
+    succeeded = False
+    try:
+        with Stack(workdir, nginx=tools["nginx"], artifacts=artifacts) as stack:
+            body_file.write_bytes(stack.body)
+            saturation_targets, latency_targets = _start_everything(stack)
+            load_before = load_average()
+            saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
+            for target in saturation_targets:  # fill connection pools and caches; not measured
+                saturate(target, seconds=settings.warmup_s)
+            saturation = interleaved(saturation_targets, settings.rounds, saturate, pause_s=settings.pause_s,
+                                     what="saturation")
+            rates = {target.kind: median([s.requests_per_second for s in saturation[target.name]]) / 2
+                     for target in latency_targets if target.hop == "balancer"}
+            fixed_rate = interleaved(
+                latency_targets, settings.rounds,
+                lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
+                pause_s=settings.pause_s, what="fixed rate")
+            load_after = load_average()
+            results = BenchResults(
+                settings=settings, quick=quick, targets=saturation_targets, saturation=saturation,
+                fixed_rate=fixed_rate, rates=rates, machine=machine, load_before=load_before, load_after=load_after,
+                started=started, seconds=0.0,
+                commands=_commands(latency_targets, settings, rates, body_file, workdir),
+                feature_labels=[options.label for options in FEATURE_CONFIGURATIONS],
+            )
+            if profile:
+                _add_profile(results, settings, body_file, tools["wrk"], workdir)
+        succeeded = True
+    finally:
+        if succeeded and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif not succeeded:
+            logger.info("work folder kept for its logs: %s", workdir)
+    results.seconds = time.monotonic() - clock
+    return results
+
+
+def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
+    """All processes, started in parallel; (targets of the saturation rounds, of the fixed-rate rounds)."""
+    backends = {kind: stack.backends(kind) for kind in KINDS}
+    stack.ready()
+    saturation_targets: list[Target] = []
+    latency_targets: list[Target] = []
+    for kind, (upstreams, backend_pids) in backends.items():
+        configurations = FEATURE_CONFIGURATIONS if kind == "noop" else FEATURE_CONFIGURATIONS[:1]
+        balancers = [stack.balancer(kind, options, upstreams, backend_pids) for options in configurations]
+        main_three = [stack.direct(kind, upstreams, backend_pids), balancers[0],
+                      stack.nginx_proxy(kind, upstreams, backend_pids)]
+        saturation_targets += main_three + balancers[1:]
+        latency_targets += main_three
+    stack.ready()
+    for target in saturation_targets:
+        if target.hop != "direct":
+            check_split(target, stack.body)
+    return saturation_targets, latency_targets
+
+
+def _add_profile(results: BenchResults, settings: Settings, body_file: Path, wrk: str, workdir: Path) -> None:
+    target = results.target("noop", "balancer")
+    assert target is not None
+    logger.info("profiling %s with py-spy", target.name)
+    try:
+        results.profile = record_profile(target, settings, body_file, wrk=wrk, workdir=workdir,
+                                         seconds=4 if results.quick else 10)
+    except BenchError as exc:
+        results.profile_error = str(exc)
+        logger.warning("profile failed: %s", exc)
+
+
+def _commands(targets: list[Target], settings: Settings, rates: dict[str, float], body_file: Path,
+              workdir: Path) -> dict[str, str]:
+    """Representative command lines of this run, for the report."""
+    balancer = next(target for target in targets if target.hop == "balancer" and target.kind == "noop")
+    direct = next(target for target in targets if target.hop == "direct" and target.kind == "noop")
+
+    def wrk_line(target: Target) -> str:
+        variables = f"BENCH_BODY_FILE={body_file.name} BENCH_USERS={settings.users}"
+        if target.spread:
+            variables += f" BENCH_TARGETS={','.join(target.spread)}"
+        command = wrk_command(target.url, threads=settings.threads, connections=settings.connections,
+                              seconds=settings.saturation_s)
+        return f"{variables} {shlex.join(_relative(command))}"
+
+    return {
+        "harness": "make bench  # = .venv/bin/python -m bench [--quick] [--profile]",
+        "saturation, balancer": wrk_line(balancer),
+        "saturation, direct": wrk_line(direct),
+        "fixed rate": shlex.join(_relative(openloop_command(balancer, rates["noop"], settings, body_file))),
+        "nginx": shlex.join(_relative(nginx_command("nginx", workdir / "nginx-noop"))),
+        "balancer": shlex.join(_relative(list(balancer.command))),
+    }
+
+
+def _relative(command: Sequence[str]) -> list[str]:
+    """Paths inside the repository and the interpreter's own path shortened for the report."""
+    shortened = []
+    for part in command:
+        if part == sys.executable:
+            part = ".venv/bin/python"
+        elif part.startswith(str(REPO) + "/"):
+            part = part[len(str(REPO)) + 1:]
+        shortened.append(part)
+    return shortened
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

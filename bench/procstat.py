@@ -1,0 +1,107 @@
+"""CPU accounting from /proc: user + system seconds of whole processes (all their threads)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcessTimes:
+    """One line of /proc/<pid>/stat, reduced to what CPU accounting needs."""
+
+    pid: int
+    parent_pid: int
+    user_ticks: int
+    system_ticks: int
+
+    @property
+    def cpu_ticks(self) -> int:
+        """utime + stime: every thread of the process, live or exited (not reaped children)."""
+        return self.user_ticks + self.system_ticks
+
+
+def parse_stat(text: str) -> ProcessTimes:
+    """Parse /proc/<pid>/stat; the command name may hold spaces and parentheses, so split after the last ')'."""
+    pid_text, _, rest = text.partition(" (")
+    _, _, after_name = rest.rpartition(") ")
+    fields = after_name.split()
+    if not pid_text.strip().isdigit() or len(fields) < 13:
+        raise ValueError(f"not a /proc/<pid>/stat line: {text[:80]!r}")
+    # after the name: state(3) ppid(4) ... utime(14) stime(15), numbered as in proc(5)
+    return ProcessTimes(pid=int(pid_text), parent_pid=int(fields[1]),
+                        user_ticks=int(fields[11]), system_ticks=int(fields[12]))
+
+
+def read_times(pid: int, proc: Path = Path("/proc")) -> ProcessTimes | None:
+    """The process's times, or None if it is gone."""
+    try:
+        return parse_stat((proc / str(pid) / "stat").read_text())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def process_tree(root_pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """`root_pid` and all its descendants (an nginx master and its workers)."""
+    parents: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            times = read_times(int(entry.name), proc)
+            if times is not None:
+                parents[times.pid] = times.parent_pid
+    return descendants(root_pid, parents)
+
+
+def descendants(root_pid: int, parents: Mapping[int, int]) -> list[int]:
+    """`root_pid` followed by every pid whose chain of parents reaches it."""
+    tree = [root_pid]
+    frontier = {root_pid}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in tree}
+        tree.extend(sorted(frontier))
+    return tree
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """CPU seconds a set of processes used over an interval, split into user and kernel time."""
+
+    user_s: float
+    system_s: float
+
+    @property
+    def total_s(self) -> float:
+        """User + system seconds."""
+        return self.user_s + self.system_s
+
+    @property
+    def system_share(self) -> float:
+        """Fraction of the time spent in the kernel (NaN if none was used)."""
+        return self.system_s / self.total_s if self.total_s > 0 else float("nan")
+
+
+def snapshot(pids: Iterable[int], proc: Path = Path("/proc")) -> dict[int, ProcessTimes]:
+    """pid -> times so far, for the pids that still exist."""
+    times = {}
+    for pid in pids:
+        current = read_times(pid, proc)
+        if current is not None:
+            times[pid] = current
+    return times
+
+
+def cpu_between(before: Mapping[int, ProcessTimes], after: Mapping[int, ProcessTimes]) -> CpuUsage:
+    """CPU the processes of `before` used until `after` (a process that vanished counts 0)."""
+    pairs = [(start, after[pid]) for pid, start in before.items() if pid in after]
+    user = sum(end.user_ticks - start.user_ticks for start, end in pairs)
+    system = sum(end.system_ticks - start.system_ticks for start, end in pairs)
+    return CpuUsage(user_s=user / CLOCK_TICKS_PER_SECOND, system_s=system / CLOCK_TICKS_PER_SECOND)
+
+
+def microseconds_per_request(cpu_seconds: float, requests: int) -> float:
+    """CPU cost of one request in µs (NaN when nothing was served)."""
+    return cpu_seconds / requests * 1e6 if requests > 0 else float("nan")

@@ -1,0 +1,370 @@
+"""BENCHMARKS.md from one run's samples: tables per backend kind, feature cost, targets, profile."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from bench.profile import SAMPLE_RATE_HZ, Profile
+from bench.runs import FixedRateSample, SaturationSample, Settings, median
+from bench.stack import FEATURE_BASELINE, Target
+
+KIND_TITLES = {"noop": "No-op backends", "model": "Real model servers"}
+PROFILE_PLACEHOLDER = (
+    "_Not recorded in this run._ `make bench BENCH_ARGS=--profile` samples the balancer with py-spy at "
+    "saturation (no-op backends) and fills this section with its top self-time frames.\n\n"
+    "<!-- Profile analysis (why the targets above are missed): to be added. -->"
+)
+
+
+@dataclass
+class BenchResults:
+    """Everything one run measured, plus what is needed to say how."""
+
+    settings: Settings
+    quick: bool
+    targets: list[Target]
+    saturation: dict[str, list[SaturationSample]]
+    fixed_rate: dict[str, list[FixedRateSample]]
+    rates: dict[str, float]
+    machine: dict[str, str]
+    load_before: str
+    load_after: str
+    started: datetime
+    seconds: float
+    commands: dict[str, str]
+    profile: Profile | None = None
+    profile_error: str | None = None
+    feature_labels: list[str] = field(default_factory=list)
+
+    def target(self, kind: str, hop: str, label: str = "") -> Target | None:
+        """The target of `kind` and `hop` ('balancer' with a label for the feature-cost variants)."""
+        name = f"{kind} {hop}" + (f" ({label})" if label and label != "default" else "")
+        return next((target for target in self.targets if target.name == name), None)
+
+    def rps(self, target: Target | None) -> float:
+        """Median saturation throughput."""
+        return self._median_saturation(target, lambda sample: sample.requests_per_second)
+
+    def hop_cpu(self, target: Target | None) -> float:
+        """Median CPU µs per request of the hop's processes."""
+        return self._median_saturation(target, lambda sample: sample.proxy_us_per_request)
+
+    def hop_kernel_cpu(self, target: Target | None) -> float:
+        """Median kernel CPU µs per request of the hop's processes."""
+        return self._median_saturation(target, lambda sample: sample.proxy_kernel_us_per_request)
+
+    def hop_kernel_share(self, target: Target | None) -> float:
+        """Median fraction of the hop's CPU spent in the kernel."""
+        return self._median_saturation(target, lambda sample: sample.proxy_system_share)
+
+    def backend_cpu(self, target: Target | None) -> float:
+        """Median CPU µs per request of both backends."""
+        return self._median_saturation(target, lambda sample: sample.backend_us_per_request)
+
+    def latency(self, target: Target | None, percentile: str) -> float:
+        """Median fixed-rate latency ('p50' or 'p99') in ms."""
+        samples = self.fixed_rate.get(target.name, []) if target is not None else []
+        return median([sample.p50_ms if percentile == "p50" else sample.p99_ms for sample in samples])
+
+    def _median_saturation(self, target: Target | None, value: Callable[[SaturationSample], float | None]) -> float:
+        samples = self.saturation.get(target.name, []) if target is not None else []
+        return median([value(sample) for sample in samples])
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target of issue #9 against what was measured."""
+
+    goal: str
+    kind: str
+    measured: float
+    limit: float
+    unit: str
+    at_most: bool
+
+    @property
+    def met(self) -> bool | None:
+        """True/False, or None when nothing was measured."""
+        if math.isnan(self.measured):
+            return None
+        return self.measured <= self.limit if self.at_most else self.measured >= self.limit
+
+    @property
+    def shortfall(self) -> str:
+        """How far off a missed target is ('' when met or unmeasured)."""
+        if self.met is not False:
+            return ""
+        gap = abs(self.measured - self.limit)
+        if self.unit == "%":
+            return f"{gap:.0f} points " + ("over" if self.at_most else "short")
+        ratio = f" ({self.measured / self.limit:.1f}× the limit)" if self.at_most and self.limit > 0 else ""
+        return f"{gap:.{_decimals(self.unit)}f} {self.unit} " + ("over" if self.at_most else "short") + ratio
+
+
+def evaluate_targets(results: BenchResults) -> list[Check]:
+    """Issue #9's targets, per backend kind."""
+    checks = []
+    for kind in KIND_TITLES:
+        direct, balancer, nginx = (results.target(kind, hop) for hop in ("direct", "balancer", "nginx"))
+        if balancer is None:
+            continue
+        checks += [
+            Check("added latency p50 at half saturation (balancer − direct)", kind,
+                  results.latency(balancer, "p50") - results.latency(direct, "p50"), 1.0, "ms", True),
+            Check("added latency p99 at half saturation (balancer − direct)", kind,
+                  results.latency(balancer, "p99") - results.latency(direct, "p99"), 5.0, "ms", True),
+            Check("balancer CPU per request, outcome logging + metrics on", kind,
+                  results.hop_cpu(balancer), 120.0, "µs", True),
+            Check("saturation throughput, balancer / direct", kind,
+                  _percent(results.rps(balancer), results.rps(direct)), 50.0, "%", False),
+            Check("saturation throughput, balancer / nginx", kind,
+                  _percent(results.rps(balancer), results.rps(nginx)), 50.0, "%", False),
+        ]
+    full, lean = results.target("noop", "balancer"), results.target("noop", "balancer", FEATURE_BASELINE)
+    if full is not None and lean is not None:
+        checks.append(Check("throughput cost of outcome logging + metrics", "noop",
+                            100 - _percent(results.rps(full), results.rps(lean)), 10.0, "%", True))
+    return checks
+
+
+def render_report(results: BenchResults) -> str:
+    """The whole BENCHMARKS.md."""
+    settings = results.settings
+    mode = "`--quick` smoke run" if results.quick else "full run"
+    parts = [
+        "# Benchmarks\n",
+        f"Generated by `make bench` (`.venv/bin/python -m bench{' --quick' if results.quick else ''}"
+        f"{' --profile' if results.profile or results.profile_error else ''}`) on "
+        f"{results.started:%Y-%m-%d %H:%M} UTC in {results.seconds / 60:.1f} min: {mode}, "
+        f"{settings.rounds} interleaved round{'s' if settings.rounds > 1 else ''}, every figure the median over rounds "
+        "unless marked. Numbers from a loaded machine are only comparable within the run (see the load average).\n",
+        _machine_section(results),
+        _method_section(results),
+        *(_kind_section(results, kind) for kind in KIND_TITLES if results.target(kind, "balancer")),
+        _feature_section(results),
+        _targets_section(results),
+        _profile_section(results),
+        _raw_section(results),
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _machine_section(results: BenchResults) -> str:
+    rows = [*results.machine.items(), ("load average at start (1 / 5 / 15 min)", results.load_before),
+            ("load average at end (1 / 5 / 15 min)", results.load_after)]
+    cores = results.machine.get("nproc", "?").split()[0]
+    return ("## Machine\n\n| | |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
+            + f"\nA load average well above the core count ({cores}) means other work shared the CPUs: absolute "
+            "figures are then low and noisy, while ratios between interleaved configurations hold up better.\n")
+
+
+def _method_section(results: BenchResults) -> str:
+    settings = results.settings
+    commands = "".join(f"- {what}:\n  `{command}`\n" for what, command in results.commands.items())
+    rates = ", ".join(f"{kind} {rate:.0f} req/s" for kind, rate in results.rates.items())
+    return f"""## Method
+
+Every process runs on loopback, started by the harness (`bench/stack.py`): two backends per kind (one per
+variant; `tests/noop_backend.py`, or the real `model_a` / `model_b` servers), a balancer per configuration
+and one nginx per kind. Three paths per kind:
+
+- **direct**: the load generator talks to both backends itself, half the connections each;
+- **balancer**: `python -m balancer serve`, one process, sticky 50/50 on `X-User-ID`, outcome log and metrics on;
+- **nginx**: one worker (`worker_processes 1`, like the balancer's one process), `split_clients` 50/50 on
+  `$http_x_user_id`, upstream keep-alive, `access_log off`, the same request/response headers added
+  (`bench/nginx.conf.template`).
+
+Every request is `POST /predict` with the first held-out row (`{{"instances": [[30 floats]]}}`) and an
+`X-User-ID` cycling over {settings.users} users.
+
+- **Saturation** (closed loop): `wrk -t {settings.threads} -c {settings.connections} -d {settings.saturation_s:g}s`
+  with `bench/post.lua`; requests/s as wrk counts them.
+- **Fixed rate** (open loop) at half the balancer's median saturation rate of the same kind ({rates}):
+  `bench/openloop.py` (asyncio + raw sockets + httptools, {settings.rate_connections} connections,
+  {settings.warmup_s:g} s warm-up then {settings.fixed_rate_s:g} s measured). Debian has no `wrk2` and
+  wrk cannot hold a rate, so this client schedules request *i* at *start + i / rate*; latency runs from
+  dispatch to the last byte, and time spent waiting for a free connection counts (no coordinated
+  omission). The client's own timer lateness is reported separately (raw runs below).
+- **Added latency** of a hop = its median percentile − direct's median percentile at the same rate.
+- **CPU per request** = user + system seconds of the hop's processes (`/proc/<pid>/stat` utime + stime, all
+  threads; nginx = master + worker) over a saturation run ÷ the requests wrk completed in it; the kernel
+  share is stime's part (on loopback a `send` also runs the receiver's TCP work). "backends" is both
+  backends' CPU on the same scale.
+- **Interleaving**: each round runs every configuration once, starting one further along each round;
+  {settings.pause_s:g} s pause between runs. Saturation rounds first, then fixed-rate rounds.
+
+Command lines of this run (ports and temp paths vary):
+
+{commands}"""
+
+
+def _kind_section(results: BenchResults, kind: str) -> str:
+    direct, balancer, nginx = (results.target(kind, hop) for hop in ("direct", "balancer", "nginx"))
+    rate = results.rates.get(kind, float("nan"))
+    header = ("| path | req/s at saturation (min–max) | vs direct | p50 ms | p99 ms | added p50 ms | added p99 ms "
+              "| hop CPU µs/req (kernel share) | backends CPU µs/req | errors |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for target in (direct, balancer, nginx):
+        if target is None:
+            continue
+        samples = results.saturation.get(target.name, [])
+        spread = [sample.requests_per_second for sample in samples]
+        errors = sum(sample.errors for sample in samples) + sum(
+            sample.errors for sample in results.fixed_rate.get(target.name, []))
+        is_direct = target is direct
+        rows.append(
+            f"| {target.hop} | {_number(results.rps(target), 0)} ({_range(spread)}) "
+            f"| {'—' if is_direct else _ratio(results.rps(target), results.rps(direct))} "
+            f"| {_number(results.latency(target, 'p50'), 2)} | {_number(results.latency(target, 'p99'), 2)} "
+            f"| {'—' if is_direct else _signed(results.latency(target, 'p50') - results.latency(direct, 'p50'))} "
+            f"| {'—' if is_direct else _signed(results.latency(target, 'p99') - results.latency(direct, 'p99'))} "
+            f"| {'—' if is_direct else _cpu(results.hop_cpu(target), results.hop_kernel_share(target))} "
+            f"| {_number(results.backend_cpu(target), 0)} | {errors} |\n")
+    summary = (
+        f"\n- balancer / direct throughput: **{_ratio(results.rps(balancer), results.rps(direct))}**; "
+        f"balancer / nginx: **{_ratio(results.rps(balancer), results.rps(nginx))}**\n"
+        f"- CPU per proxied request: balancer **{_number(results.hop_cpu(balancer), 0)} µs**, nginx "
+        f"**{_number(results.hop_cpu(nginx), 0)} µs** ({_ratio(results.hop_cpu(balancer), results.hop_cpu(nginx))}); "
+        f"in user space {_number(results.hop_cpu(balancer) - results.hop_kernel_cpu(balancer), 0)} µs vs "
+        f"{_number(results.hop_cpu(nginx) - results.hop_kernel_cpu(nginx), 0)} µs, in the kernel "
+        f"{_number(results.hop_kernel_cpu(balancer), 0)} µs vs {_number(results.hop_kernel_cpu(nginx), 0)} µs\n"
+        f"- hop latency added at {rate:.0f} req/s: balancer p50 {_signed(results.latency(balancer, 'p50') - results.latency(direct, 'p50'))} ms, "
+        f"p99 {_signed(results.latency(balancer, 'p99') - results.latency(direct, 'p99'))} ms; nginx p50 "
+        f"{_signed(results.latency(nginx, 'p50') - results.latency(direct, 'p50'))} ms, "
+        f"p99 {_signed(results.latency(nginx, 'p99') - results.latency(direct, 'p99'))} ms\n")
+    return (f"## {KIND_TITLES[kind]}\n\nLatency columns: fixed rate {rate:.0f} req/s (half the balancer's saturation "
+            f"rate). Throughput and CPU: saturation.\n\n" + header + "".join(rows) + summary)
+
+
+def _feature_section(results: BenchResults) -> str:
+    lean = results.target("noop", "balancer", FEATURE_BASELINE)
+    full = results.target("noop", "balancer")
+    if lean is None or full is None:
+        return "## Feature cost on the hot path\n\n_Not measured in this run._\n"
+    rows = []
+    for label in results.feature_labels:
+        target = results.target("noop", "balancer", label)
+        if target is None:
+            continue
+        rows.append(
+            f"| {label} | {_number(results.rps(target), 0)} | {_signed(_percent(results.rps(target), results.rps(lean)) - 100, 1)} % "
+            f"| {_number(results.hop_cpu(target), 0)} | {_signed(results.hop_cpu(target) - results.hop_cpu(lean), 0)} |\n")
+    random = results.target("noop", "balancer", "random")
+    cost = 100 - _percent(results.rps(full), results.rps(lean))
+    lines = [f"\n**Outcome logging + metrics cost {_number(cost, 1)} % of throughput** (target < 10 %) and "
+             f"{_signed(results.hop_cpu(full) - results.hop_cpu(lean), 0)} µs of balancer CPU per request.\n"]
+    if random is not None:
+        lines.append(f"Sticky vs random assignment (both with logging + metrics): sticky "
+                     f"{_signed(results.hop_cpu(full) - results.hop_cpu(random), 0)} µs/request, "
+                     f"{_signed(_percent(results.rps(full), results.rps(random)) - 100, 1)} % throughput.\n")
+    return ("## Feature cost on the hot path\n\nNo-op backends, saturation; each configuration is its own balancer "
+            "process started from a generated YAML (`server: {record_outcomes, export_metrics}`, `strategy:`). "
+            "\"default\" is the sticky balancer of the table above.\n\n"
+            f"| balancer configuration | req/s | vs {FEATURE_BASELINE} | CPU µs/req | Δ CPU µs/req |\n"
+            "|---|---|---|---|---|\n" + "".join(rows) + "".join(lines))
+
+
+def _targets_section(results: BenchResults) -> str:
+    rows = []
+    for check in evaluate_targets(results):
+        decimals = 0 if check.unit in ("µs", "%") else 2
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[check.met]
+        comparison = "≤" if check.at_most else "≥"
+        rows.append(f"| {check.goal} | {check.kind} | {_number(check.measured, decimals)} {check.unit} "
+                    f"| {comparison} {check.limit:g} {check.unit} | {verdict} | {check.shortfall} |\n")
+    return ("## Targets\n\n| target | backends | measured | goal | verdict | missed by |\n|---|---|---|---|---|---|\n"
+            + "".join(rows))
+
+
+def _profile_section(results: BenchResults) -> str:
+    if results.profile_error:
+        return f"## Profile\n\n_py-spy could not profile this run:_ {results.profile_error}\n"
+    profile = results.profile
+    if profile is None or profile.samples == 0:
+        return "## Profile\n\n" + PROFILE_PLACEHOLDER + "\n"
+    threads = _thread_summary(profile)
+    own = [(frame, count) for frame, count in profile.total_counts.most_common()
+           if "(balancer/" in frame and "(balancer/__main__.py)" not in frame][:12]
+    return ("## Profile\n\n"
+            f"py-spy at {SAMPLE_RATE_HZ} Hz (`py-spy record --threads --format raw`, idle samples excluded) of the "
+            f"no-op balancer under `wrk` saturation, after the measurements; {profile.pinning}. Samples per "
+            f"thread: {threads} (py-spy counts some waits in C, e.g. `Condition.wait`, as busy). "
+            f"The tables are the event loop thread ({profile.thread}), which does every "
+            "request's Python work. Self time is the Python function on top of the stack; C calls are charged "
+            "to the Python function that made them, so `_SelectorSocketTransport.write` is the `send` syscall "
+            "(on loopback it also runs the receiver's TCP work) plus any time the balancer sat preempted inside "
+            "it, which py-spy cannot tell from running; the kernel share in the CPU columns above is the "
+            "better measure of the syscall cost.\n\n"
+            "| self % | function |\n|---|---|\n"
+            + "".join(f"| {count / profile.samples * 100:.1f} | `{frame}` |\n"
+                      for frame, count in profile.self_counts.most_common(20))
+            + "\nInclusive time of the balancer's own functions:\n\n| total % | function |\n|---|---|\n"
+            + "".join(f"| {count / profile.samples * 100:.1f} | `{frame}` |\n" for frame, count in own)
+            + "\n<!-- Profile analysis (why the targets above are missed): to be added. -->\n")
+
+
+def _thread_summary(profile: Profile) -> str:
+    """'MainThread 2227; event-log-writer 607 (mostly `Condition.wait (threading.py)`, 80 %)'."""
+    parts = []
+    for name, count in profile.thread_samples.most_common():
+        part = f"{name} {count}"
+        top = profile.thread_top_frame.get(name)
+        if name != profile.thread and top is not None:
+            part += f" (mostly `{top[0]}`, {top[1] / count * 100:.0f} %)"
+        parts.append(part)
+    return "; ".join(parts)
+
+
+def _raw_section(results: BenchResults) -> str:
+    rows = []
+    for target in results.targets:
+        for index, sample in enumerate(results.saturation.get(target.name, []), 1):
+            hop, share = sample.proxy_us_per_request, sample.proxy_system_share
+            rows.append(f"| saturation | {target.name} | {index} | {sample.requests_per_second:.0f} req/s, "
+                        f"p50 {sample.p50_ms:.1f} ms, p99 {sample.p99_ms:.1f} ms"
+                        + ("" if hop is None or share is None else f", hop {_cpu(hop, share)} µs/req")
+                        + f", backends {sample.backend_us_per_request:.0f} µs/req | {sample.errors} |\n")
+    for target in results.targets:
+        for index, fixed in enumerate(results.fixed_rate.get(target.name, []), 1):
+            rows.append(f"| fixed rate | {target.name} | {index} | {fixed.achieved_rps:.0f} of {fixed.rate:.0f} req/s, "
+                        f"p50 {fixed.p50_ms:.2f} ms, p99 {fixed.p99_ms:.2f} ms, p99.9 {fixed.p999_ms:.2f} ms; "
+                        f"queued {fixed.queued}, client late p99 {fixed.late_ms_p99:.1f} ms, client CPU "
+                        f"{fixed.client_cpu_s / max(fixed.completed, 1) * 1e6:.0f} µs/req | {fixed.errors} |\n")
+    return ("## Every run\n\n<details><summary>Raw samples, in round order per configuration</summary>\n\n"
+            "| phase | configuration | round | result | errors |\n|---|---|---|---|---|\n" + "".join(rows)
+            + "\n</details>\n")
+
+
+def _cpu(microseconds: float, kernel_share: float) -> str:
+    if math.isnan(kernel_share):
+        return _number(microseconds, 0)
+    return f"{_number(microseconds, 0)} ({kernel_share * 100:.0f} % kernel)"
+
+
+def _decimals(unit: str) -> int:
+    return 2 if unit == "ms" else 0
+
+
+def _percent(part: float, whole: float) -> float:
+    return part / whole * 100 if whole and not math.isnan(whole) else float("nan")
+
+
+def _ratio(part: float, whole: float) -> str:
+    value = part / whole if whole and not math.isnan(whole) else float("nan")
+    return "n/a" if math.isnan(value) else f"{value:.2f}×"
+
+
+def _number(value: float, decimals: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.{decimals}f}"
+
+
+def _signed(value: float, decimals: int = 2) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+,.{decimals}f}"
+
+
+def _range(values: Sequence[float]) -> str:
+    return f"{min(values):,.0f}–{max(values):,.0f}" if values else "n/a"

@@ -1,0 +1,180 @@
+"""The measurements: saturation (wrk) and fixed-rate (bench.openloop) runs, interleaved over rounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from bench.errors import BenchError
+from bench.procstat import CpuUsage, cpu_between, microseconds_per_request, process_tree, snapshot
+from bench.stack import Target
+from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
+from tests.processes import REPO
+
+logger = logging.getLogger(__name__)
+Sample = TypeVar("Sample")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how hard: the full run and the --quick smoke run differ only here."""
+
+    rounds: int
+    saturation_s: float
+    fixed_rate_s: float
+    warmup_s: float
+    threads: int = 2
+    connections: int = 64
+    rate_connections: int = 32
+    users: int = 1000
+    pause_s: float = 0.5
+
+
+FULL = Settings(rounds=5, saturation_s=4, fixed_rate_s=4, warmup_s=0.5)
+QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5)
+
+
+@dataclass(frozen=True)
+class SaturationSample:
+    """One wrk run, with the CPU the hop's and the backends' processes used meanwhile."""
+
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    proxy_cpu: CpuUsage | None
+    backend_cpu: CpuUsage
+
+    @property
+    def requests_per_second(self) -> float:
+        """Completed requests per second."""
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def proxy_us_per_request(self) -> float | None:
+        """CPU µs of the hop's processes per request (None for direct runs)."""
+        return None if self.proxy_cpu is None else microseconds_per_request(self.proxy_cpu.total_s, self.requests)
+
+    @property
+    def proxy_kernel_us_per_request(self) -> float | None:
+        """Kernel (stime) part of the hop's CPU per request, in µs."""
+        return None if self.proxy_cpu is None else microseconds_per_request(self.proxy_cpu.system_s, self.requests)
+
+    @property
+    def proxy_system_share(self) -> float | None:
+        """Fraction of the hop's CPU spent in the kernel (None for direct runs)."""
+        return None if self.proxy_cpu is None else self.proxy_cpu.system_share
+
+    @property
+    def backend_us_per_request(self) -> float:
+        """CPU µs of both backends together per request."""
+        return microseconds_per_request(self.backend_cpu.total_s, self.requests)
+
+
+@dataclass(frozen=True)
+class FixedRateSample:
+    """One open-loop run at a fixed rate."""
+
+    rate: float
+    achieved_rps: float
+    completed: int
+    errors: int
+    queued: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    late_ms_p99: float
+    client_cpu_s: float
+
+
+def saturation_sample(result: WrkResult, proxy_cpu: CpuUsage | None, backend_cpu: CpuUsage) -> SaturationSample:
+    """Combine a wrk result with the CPU measured around it."""
+    return SaturationSample(requests=result.requests, seconds=result.seconds, errors=result.errors,
+                            p50_ms=result.p50_ms, p99_ms=result.p99_ms, proxy_cpu=proxy_cpu, backend_cpu=backend_cpu)
+
+
+def measure_saturation(target: Target, settings: Settings, body_file: Path, *, wrk: str,
+                       seconds: float | None = None) -> SaturationSample:
+    """wrk -c N for T seconds against `target`; CPU from /proc before and after."""
+    duration = settings.saturation_s if seconds is None else seconds
+    command = wrk_command(target.url, threads=settings.threads, connections=settings.connections,
+                          seconds=duration, wrk=wrk)
+    environment = wrk_environment(body_file=body_file, users=settings.users, spread=target.spread)
+    proxy_pids = process_tree(target.proxy_pid) if target.proxy_pid is not None else []
+    proxy_before, backends_before = snapshot(proxy_pids), snapshot(target.backend_pids)
+    result = run_wrk(command, environment, duration)
+    proxy_after, backends_after = snapshot(proxy_pids), snapshot(target.backend_pids)
+    proxy_cpu = cpu_between(proxy_before, proxy_after) if proxy_pids else None
+    return saturation_sample(result, proxy_cpu, cpu_between(backends_before, backends_after))
+
+
+def openloop_command(target: Target, rate: float, settings: Settings, body_file: Path) -> list[str]:
+    """The bench.openloop command line of a fixed-rate run."""
+    command = [sys.executable, "-m", "bench.openloop", "--url", target.url, "--rate", f"{rate:.0f}",
+               "--seconds", f"{settings.fixed_rate_s:g}", "--warmup", f"{settings.warmup_s:g}",
+               "--connections", str(settings.rate_connections), "--users", str(settings.users),
+               "--body-file", str(body_file)]
+    if target.spread:
+        command += ["--spread", ",".join(target.spread)]
+    return command
+
+
+def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_file: Path) -> FixedRateSample:
+    """Open-loop load at `rate` requests/s; latency percentiles from bench.openloop."""
+    command = openloop_command(target, rate, settings, body_file)
+    limit = settings.warmup_s + settings.fixed_rate_s + 30
+    try:
+        completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
+    if completed.returncode != 0:
+        raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    latency = summary["latency_ms"]
+    return FixedRateSample(rate=summary["rate"], achieved_rps=summary["achieved_rps"], completed=summary["completed"],
+                           errors=summary["errors"], queued=summary["queued"], p50_ms=latency["p50"],
+                           p99_ms=latency["p99"], p999_ms=latency["p99.9"], late_ms_p99=summary["late_ms_p99"],
+                           client_cpu_s=summary["client_cpu_s"])
+
+
+def interleaved(targets: Sequence[Target], rounds: int, measure: Callable[[Target], Sample], *,
+                pause_s: float, what: str) -> dict[str, list[Sample]]:
+    """Every target once per round, in a rotated order each round (so no target always runs first)."""
+    samples: dict[str, list[Sample]] = {target.name: [] for target in targets}
+    for round_index in range(rounds):
+        shift = round_index % len(targets)
+        for target in [*targets[shift:], *targets[:shift]]:
+            started = time.monotonic()
+            sample = measure(target)
+            samples[target.name].append(sample)
+            logger.info("%s round %d/%d %-40s %s (%.1fs)", what, round_index + 1, rounds, target.name,
+                        describe(sample), time.monotonic() - started)
+            time.sleep(pause_s)
+    return samples
+
+
+def describe(sample: object) -> str:
+    """One log line's worth of a sample."""
+    if isinstance(sample, SaturationSample):
+        cpu = sample.proxy_us_per_request
+        return (f"{sample.requests_per_second:8.0f} req/s  errors {sample.errors}"
+                + ("" if cpu is None else f"  hop CPU {cpu:.0f} µs/req"))
+    if isinstance(sample, FixedRateSample):
+        return (f"{sample.achieved_rps:6.0f}/{sample.rate:.0f} req/s  p50 {sample.p50_ms:.2f} ms  "
+                f"p99 {sample.p99_ms:.2f} ms  errors {sample.errors}  client late p99 {sample.late_ms_p99:.1f} ms")
+    return repr(sample)
+
+
+def median(values: Sequence[float | None]) -> float:
+    """Median of the values present (NaN if none)."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else float("nan")

@@ -1,0 +1,203 @@
+"""Every process a benchmark talks to, started on loopback and stopped on the way out.
+
+Backends come in two kinds: `noop` (tests/noop_backend.py, nearly free, so the hop is
+what is measured) and `model` (the real model_a / model_b servers). In front of each
+kind: one or more balancers (one per configuration under test) and one nginx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from balancer.config import parse_experiment
+from bench.errors import BenchError
+from bench.nginx import nginx_command, render_nginx_config, write_nginx_prefix
+from tests.processes import REPO, free_port, stop, wait_http
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("model_a", "model_b")
+WEIGHTS = {"model_a": 50.0, "model_b": 50.0}
+PREDICT_PATH = "/predict"
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class BalancerOptions:
+    """One balancer configuration under test: the YAML's strategy and `server:` switches."""
+
+    label: str
+    strategy: str = "sticky"
+    record_outcomes: bool = True
+    export_metrics: bool = True
+
+
+KINDS = ("noop", "model")
+FEATURE_BASELINE = "outcomes and metrics off"
+# every balancer configuration measured on the no-op backends; the first is the production default
+FEATURE_CONFIGURATIONS = (
+    BalancerOptions("default"),
+    BalancerOptions("outcomes off", record_outcomes=False),
+    BalancerOptions("metrics off", export_metrics=False),
+    BalancerOptions(FEATURE_BASELINE, record_outcomes=False, export_metrics=False),
+    BalancerOptions("random", strategy="random"),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Something to send load to: a URL, and whose CPU the requests are charged to."""
+
+    name: str
+    kind: str
+    hop: str  # "direct", "balancer" or "nginx"
+    url: str
+    spread: tuple[str, ...] = ()  # direct runs: connect to these host:ports instead of the URL's
+    proxy_pid: int | None = None  # the hop's process (nginx: the master; its workers are found at run time)
+    backend_pids: tuple[int, ...] = ()
+    command: tuple[str, ...] = field(default=(), compare=False)
+
+
+def balancer_yaml(options: BalancerOptions, upstreams: Mapping[str, str]) -> str:
+    """The experiment file of a benchmark balancer; validated here so a schema change fails before any load."""
+    document = {
+        "name": "bench",
+        "strategy": options.strategy,
+        "sticky_key": "header:X-User-ID",
+        "seed": 9,
+        "variants": [{"name": name, "weight": WEIGHTS[name], "upstreams": [f"http://{upstreams[name]}"]}
+                     for name in VARIANTS],
+        "server": {"record_outcomes": options.record_outcomes, "export_metrics": options.export_metrics},
+    }
+    text = yaml.safe_dump(document, sort_keys=False)
+    parse_experiment(text, source=f"<bench {options.label}>")
+    return text
+
+
+class Stack:
+    """Starts processes into `workdir` (logs, configs, stores) and stops them all on exit."""
+
+    def __init__(self, workdir: Path, *, nginx: str, artifacts: Path) -> None:
+        self.workdir = workdir
+        self.nginx = nginx
+        self.artifacts = artifacts
+        self.body = sample_body(artifacts)
+        self._exit = ExitStack()
+        self._pending: list[tuple[str, subprocess.Popen[bytes], str, Path]] = []
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._exit.close()
+
+    def backends(self, kind: str) -> tuple[dict[str, str], tuple[int, ...]]:
+        """Start the two backends of `kind` (ready after `ready()`): variant -> host:port, and their pids."""
+        addresses: dict[str, str] = {}
+        pids = []
+        for variant in VARIANTS:
+            port = free_port()
+            if kind == "noop":
+                command = [sys.executable, "tests/noop_backend.py", "--port", str(port), "--name", variant]
+                ready = f"http://{HOST}:{port}/healthz"
+            else:
+                command = [sys.executable, "-m", variant, "--port", str(port), "--artifacts", str(self.artifacts)]
+                ready = f"http://{HOST}:{port}/readyz"
+            pids.append(self._spawn(f"{kind}-{variant}", command, ready).pid)
+            addresses[variant] = f"{HOST}:{port}"
+        return addresses, tuple(pids)
+
+    def direct(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...]) -> Target:
+        """Load straight at the backends, spread evenly over both (as the proxies split it)."""
+        first = upstreams[VARIANTS[0]]
+        return Target(name=f"{kind} direct", kind=kind, hop="direct", url=f"http://{first}{PREDICT_PATH}",
+                      spread=tuple(upstreams[name] for name in VARIANTS), backend_pids=backend_pids)
+
+    def balancer(self, kind: str, options: BalancerOptions, upstreams: Mapping[str, str],
+                 backend_pids: tuple[int, ...]) -> Target:
+        """Start a balancer in front of `upstreams` configured by `options` (ready after `ready()`)."""
+        slug = f"{kind}-balancer-{options.label.replace(' ', '-').replace(',', '')}"
+        config = self.workdir / f"{slug}.yaml"
+        config.write_text(balancer_yaml(options, upstreams))
+        port, admin_port = free_port(), free_port()
+        command = [sys.executable, "-m", "balancer", "--log-level", "WARNING", "serve", "--config", str(config),
+                   "--port", str(port), "--admin-port", str(admin_port), "--store", str(self.workdir / f"{slug}.db")]
+        process = self._spawn(slug, command, f"http://{HOST}:{admin_port}/healthz")
+        return Target(name=f"{kind} balancer" + ("" if options.label == "default" else f" ({options.label})"),
+                      kind=kind, hop="balancer", url=f"http://{HOST}:{port}{PREDICT_PATH}",
+                      proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
+
+    def nginx_proxy(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...]) -> Target:
+        """Start nginx (one worker, sticky 50/50 on X-User-ID, upstream keep-alive); ready after `ready()`."""
+        prefix = self.workdir / f"nginx-{kind}"
+        port = free_port()
+        config = render_nginx_config(listen=f"{HOST}:{port}", upstreams={name: [upstreams[name]] for name in VARIANTS},
+                                     weights=WEIGHTS, strategy="sticky")
+        write_nginx_prefix(prefix, config)
+        command = nginx_command(self.nginx, prefix)
+        process = self._spawn(f"nginx-{kind}", command, f"http://{HOST}:{port}/healthz")
+        return Target(name=f"{kind} nginx", kind=kind, hop="nginx", url=f"http://{HOST}:{port}{PREDICT_PATH}",
+                      proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
+
+    def ready(self) -> None:
+        """Wait until every process started since the last call answers its readiness URL."""
+        pending, self._pending = self._pending, []
+        for name, process, ready_url, log in pending:
+            try:
+                wait_http(ready_url, timeout=60, process=process)
+            except (RuntimeError, TimeoutError) as exc:
+                raise BenchError(f"{name} did not start ({exc}); its log {log} ends with:\n{tail(log)}") from exc
+            logger.info("started %s (pid %d)", name, process.pid)
+
+    def _spawn(self, name: str, command: list[str], ready_url: str) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as output:
+            process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+        self._exit.callback(stop, process)
+        self._pending.append((name, process, ready_url, log))
+        return process
+
+
+def check_split(target: Target, body: bytes, requests: int = 40) -> None:
+    """POST a few requests through a proxy: every one must succeed, and both variants must answer."""
+    seen: Counter[str] = Counter()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for user in range(requests):
+        request = urllib.request.Request(target.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "X-User-ID": f"user-{user}"})
+        try:
+            with opener.open(request, timeout=10) as response:
+                seen[response.headers.get("X-Variant", "?")] += 1
+        except OSError as exc:
+            raise BenchError(f"{target.name} at {target.url} failed a sanity request: {exc}") from exc
+    if set(seen) != set(VARIANTS):
+        raise BenchError(f"{target.name} split {requests} users as {dict(seen)}; expected both of {VARIANTS}")
+
+
+def sample_body(artifacts: Path) -> bytes:
+    """The request body: the first held-out row, as the model servers expect it."""
+    holdout_file = artifacts / "holdout.json"
+    try:
+        holdout = json.loads(holdout_file.read_text())
+    except FileNotFoundError as exc:
+        raise BenchError(f"{holdout_file} is missing: run `make train` first") from exc
+    return json.dumps({"instances": [holdout["X"][0]]}).encode()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

@@ -1,0 +1,226 @@
+"""The benchmark harness's pure parts: wrk output, CPU accounting, nginx config, report. No load is generated."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from balancer.config import parse_experiment
+from bench.errors import BenchError
+from bench.nginx import nginx_command, render_nginx_config, split_percentages, write_nginx_prefix
+from bench.openloop import build_requests, percentile
+from bench.procstat import (
+    CLOCK_TICKS_PER_SECOND,
+    CpuUsage,
+    cpu_between,
+    descendants,
+    microseconds_per_request,
+    parse_stat,
+    process_tree,
+    snapshot,
+)
+from bench.profile import parse_collapsed
+from bench.report import BenchResults, evaluate_targets, render_report
+from bench.runs import QUICK, FixedRateSample, SaturationSample
+from bench.stack import FEATURE_CONFIGURATIONS, Target, balancer_yaml
+from bench import tools
+from bench.tools import ensure_tools, find_tool
+from bench.wrk import parse_wrk_output, wrk_command, wrk_environment
+
+WRK_STDOUT = """\
+Running 4s test @ http://127.0.0.1:19010/predict
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    26.75ms   11.52ms  98.15ms   83.52%
+    Req/Sec     1.22k   339.46     2.21k    73.75%
+  9821 requests in 4.05s, 2.55MB read
+Requests/sec:   2426.69
+Transfer/sec:    644.59KB
+BENCH_JSON {"requests": 9821, "duration_us": 4047084, "bytes": 2671312, "connect_errors": 0, "read_errors": 1, \
+"write_errors": 0, "status_errors": 3, "timeouts": 2, "latency_p50_us": 24584, "latency_p99_us": 80978, \
+"latency_max_us": 98152}
+"""
+# /proc/<pid>/stat of a process whose name holds a space and a ')': utime 250, stime 40 ticks
+STAT_LINE = ("4242 (nginx: worker) x) S 4241 4241 4241 0 -1 4194624 2000 0 0 0 250 40 0 0 20 0 1 0 "
+             "1000 100000000 2000 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0\n")
+
+
+def test_wrk_summary_line_is_parsed_and_errors_summed() -> None:
+    result = parse_wrk_output(WRK_STDOUT)
+    assert (result.requests, result.errors) == (9821, 6)
+    assert result.seconds == pytest.approx(4.047084)
+    assert result.requests_per_second == pytest.approx(2426.7, abs=0.1)
+    assert (result.p50_ms, result.p99_ms) == (pytest.approx(24.584), pytest.approx(80.978))
+
+
+def test_wrk_output_without_summary_line_is_an_error_showing_the_output() -> None:
+    with pytest.raises(BenchError, match="Usage: wrk"):
+        parse_wrk_output("Usage: wrk <options> <url>\n")
+
+
+def test_wrk_command_rounds_seconds_up_and_environment_names_the_spread() -> None:
+    command = wrk_command("http://127.0.0.1:1/predict", threads=2, connections=64, seconds=0.5)
+    assert command[:7] == ["wrk", "-t", "2", "-c", "64", "-d", "1s"]
+    assert command[-1] == "http://127.0.0.1:1/predict"
+    environment = wrk_environment(body_file=Path("b.json"), users=10, spread=("127.0.0.1:1", "127.0.0.1:2"))
+    assert environment == {"BENCH_BODY_FILE": "b.json", "BENCH_USERS": "10", "BENCH_TARGETS": "127.0.0.1:1,127.0.0.1:2"}
+
+
+def test_stat_parsing_survives_odd_command_names() -> None:
+    times = parse_stat(STAT_LINE)
+    assert (times.pid, times.parent_pid, times.user_ticks, times.system_ticks) == (4242, 4241, 250, 40)
+    assert times.cpu_ticks == 290
+    with pytest.raises(ValueError, match="not a /proc"):
+        parse_stat("garbage")
+
+
+def test_cpu_accounting_over_a_fake_proc_tree(tmp_path: Path) -> None:
+    def write(pid: int, parent: int, user: int, system: int) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        (tmp_path / str(pid) / "stat").write_text(
+            f"{pid} (proc {pid}) S {parent} 1 1 0 -1 0 0 0 0 0 {user} {system} 0 0 20 0 1 0 1 1 1\n")
+
+    write(100, 1, 10, 5)   # nginx master
+    write(101, 100, 200, 100)  # its worker
+    write(200, 1, 999, 999)  # unrelated
+    (tmp_path / "self").mkdir()
+    assert process_tree(100, tmp_path) == [100, 101]
+    before = snapshot([100, 101, 555], tmp_path)  # 555 does not exist
+    assert {pid: times.cpu_ticks for pid, times in before.items()} == {100: 15, 101: 300}
+    write(101, 100, 300, 150)
+    used = cpu_between(before, snapshot([100, 101], tmp_path))
+    assert (used.user_s, used.system_s) == (100 / CLOCK_TICKS_PER_SECOND, 50 / CLOCK_TICKS_PER_SECOND)
+    assert used.system_share == pytest.approx(1 / 3)
+    assert microseconds_per_request(1.5, 10_000) == pytest.approx(150.0)
+    assert math.isnan(microseconds_per_request(1.0, 0))
+
+
+def test_descendants_follow_grandchildren_only() -> None:
+    assert descendants(1, {2: 1, 3: 2, 4: 9, 5: 3}) == [1, 2, 3, 5]
+
+
+def test_nginx_config_splits_like_the_balancer() -> None:
+    config = render_nginx_config(listen="127.0.0.1:8088", upstreams={"model_a": ["127.0.0.1:9001"], "model_b": [
+        "127.0.0.1:9002"]}, weights={"model_a": 50, "model_b": 50}, strategy="sticky")
+    assert "worker_processes 1;" in config
+    assert "access_log off;" in config
+    assert 'split_clients "${http_x_user_id}" $variant {\n        50.00% model_a;\n        * model_b;\n' in config
+    assert "upstream model_b {\n        server 127.0.0.1:9002;\n        keepalive 64;" in config
+    assert "listen 127.0.0.1:8088 backlog=1024;" in config
+    assert "@" not in config  # every placeholder filled
+    random = render_nginx_config(listen="127.0.0.1:8088", upstreams={"a": ["h:1"], "b": ["h:2"]},
+                                 weights={"a": 1, "b": 3}, strategy="random")
+    assert 'split_clients "${request_id}"' in random and "25.00% a;" in random
+
+
+def test_nginx_config_rejects_what_it_cannot_express() -> None:
+    with pytest.raises(ValueError, match="strategy = 'weighted'"):
+        render_nginx_config(listen="h:1", upstreams={"a": ["h:2"]}, weights={"a": 1}, strategy="weighted")
+    with pytest.raises(ValueError, match="differ"):
+        render_nginx_config(listen="h:1", upstreams={"a": ["h:2"]}, weights={"b": 1}, strategy="sticky")
+    assert split_percentages({"a": 1, "b": 0, "c": 2}) == [("33.33%", "a"), ("*", "c")]
+
+
+@pytest.mark.skipif(find_tool("nginx") is None, reason="nginx not installed")
+def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
+    write_nginx_prefix(tmp_path, render_nginx_config(
+        listen="127.0.0.1:1", upstreams={"a": ["127.0.0.1:2"], "b": ["127.0.0.1:3"]}, weights={"a": 1, "b": 1},
+        strategy="sticky"))
+    nginx = find_tool("nginx")
+    assert nginx is not None
+    command = nginx_command(nginx, tmp_path)
+    checked = subprocess.run([*command[:-2], "-t"], capture_output=True, text=True, timeout=30, check=False)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_missing_tools_without_root_name_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tools, "find_tool", lambda name: None if name == "wrk" else "/usr/sbin/nginx")
+    monkeypatch.setattr(tools.os, "geteuid", lambda: 1000)
+    with pytest.raises(BenchError, match=r"wrk not found: install with `sudo apt-get install -y wrk`"):
+        ensure_tools()
+
+
+def test_every_balancer_configuration_is_a_valid_experiment() -> None:
+    upstreams = {"model_a": "127.0.0.1:9001", "model_b": "127.0.0.1:9002"}
+    for options in FEATURE_CONFIGURATIONS:
+        experiment = parse_experiment(balancer_yaml(options, upstreams)).experiment
+        assert experiment.strategy == options.strategy
+        assert experiment.server.record_outcomes is options.record_outcomes
+        assert experiment.server.export_metrics is options.export_metrics
+        assert experiment.weights == {"model_a": 50.0, "model_b": 50.0}
+
+
+def test_percentile_is_nearest_rank_and_requests_carry_the_user() -> None:
+    values = sorted(float(value) for value in range(1, 101))
+    assert [percentile(values, q) for q in (50, 99, 99.9, 100)] == [50.0, 99.0, 100.0, 100.0]
+    assert math.isnan(percentile([], 50))
+    first, second = build_requests(host="h:1", path="/predict", body=b"{}", users=2)
+    assert first.startswith(b"POST /predict HTTP/1.1\r\nHost: h:1\r\n") and first.endswith(b"Content-Length: 2\r\n\r\n{}")
+    assert b"X-User-ID: user-1\r\n" in second
+
+
+def test_collapsed_stacks_count_self_and_total_time_per_function_of_the_main_thread() -> None:
+    profile = parse_collapsed("thread (7): MainThread;main (m.py:1);run (r.py:5);send (s.py:9) 3\n"
+                              "thread (7): MainThread;main (m.py:1);run (r.py:7) 1\n"
+                              "thread (7): MainThread;main (m.py:2);run (r.py:5);run (r.py:6) 2\n"
+                              "thread (8): event-log-writer;_write (e.py:3) 4\n")
+    assert (profile.samples, dict(profile.thread_samples)) == (6, {"MainThread": 6, "event-log-writer": 4})
+    assert profile.self_counts.most_common() == [("send (s.py)", 3), ("run (r.py)", 3)]
+    assert profile.total_counts["run (r.py)"] == 6  # counted once per stack even when recursive
+    assert "_write (e.py)" not in profile.total_counts
+    assert profile.thread_top_frame == {"MainThread": ("send (s.py)", 3), "event-log-writer": ("_write (e.py)", 4)}
+    assert parse_collapsed("main (m.py:1);run (r.py:5) 2\n").self_counts == {"run (r.py)": 2}  # without --threads
+
+
+def _results() -> BenchResults:
+    def saturation(rps: float, hop_cpu: float | None) -> list[SaturationSample]:
+        hop = None if hop_cpu is None else CpuUsage(user_s=hop_cpu * rps * 10 / 1e6 * 0.75,
+                                                   system_s=hop_cpu * rps * 10 / 1e6 * 0.25)
+        return [SaturationSample(requests=int(rps * 10), seconds=10.0, errors=0, p50_ms=1.0, p99_ms=2.0,
+                                 proxy_cpu=hop, backend_cpu=CpuUsage(user_s=0.1, system_s=0.0))]
+
+    def fixed(p50: float, p99: float) -> list[FixedRateSample]:
+        return [FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=p50,
+                                p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2)]
+
+    targets = [Target(name=f"noop {hop}", kind="noop", hop=hop, url="http://h:1/predict")
+               for hop in ("direct", "balancer", "nginx")]
+    targets.append(Target(name="noop balancer (outcomes and metrics off)", kind="noop", hop="balancer", url="u"))
+    return BenchResults(
+        settings=QUICK, quick=True, targets=targets,
+        saturation={"noop direct": saturation(10_000, None), "noop balancer": saturation(1_000, 200),
+                    "noop nginx": saturation(5_000, 50), "noop balancer (outcomes and metrics off)": saturation(1_250, 150)},
+        fixed_rate={"noop direct": fixed(0.3, 2.0), "noop balancer": fixed(0.8, 9.0), "noop nginx": fixed(0.5, 3.0)},
+        rates={"noop": 500.0}, machine={"nproc": "2"}, load_before="1 / 1 / 1", load_after="2 / 1 / 1",
+        started=datetime(2026, 1, 1, tzinfo=UTC), seconds=60.0, commands={"harness": "make bench"},
+        feature_labels=["default", "outcomes and metrics off"],
+    )
+
+
+def test_targets_say_by_how_much_they_are_missed() -> None:
+    checks = {check.goal: check for check in evaluate_targets(_results())}
+    assert checks["added latency p50 at half saturation (balancer − direct)"].met is True
+    p99 = checks["added latency p99 at half saturation (balancer − direct)"]
+    assert (p99.met, p99.shortfall) == (False, "2.00 ms over (1.4× the limit)")
+    assert checks["balancer CPU per request, outcome logging + metrics on"].shortfall == "80 µs over (1.7× the limit)"
+    assert checks["saturation throughput, balancer / direct"].shortfall == "40 points short"
+    assert checks["throughput cost of outcome logging + metrics"].shortfall == "10 points over"
+
+
+def test_report_has_every_section_and_a_profile_placeholder() -> None:
+    report = render_report(_results())
+    for heading in ("## Machine", "## Method", "## No-op backends", "## Feature cost", "## Targets", "## Profile",
+                    "## Every run"):
+        assert heading in report
+    assert "Real model servers" not in report  # not measured, not shown
+    assert "| balancer | 1,000 (1,000–1,000) | 0.10× | 0.80 | 9.00 | +0.50 | +7.00 | 200 (25 % kernel) |" in report
+    assert "Outcome logging + metrics cost 20.0 % of throughput" in report
+    assert "_Not recorded in this run._" in report
+
+
+def test_lua_script_is_shipped_next_to_the_harness() -> None:
+    assert Path(wrk_command("u", threads=1, connections=1, seconds=1)[-2]).is_file()
