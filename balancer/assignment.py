@@ -22,6 +22,7 @@ from typing import Final
 from balancer.config import Experiment
 
 BUCKETS: Final = 10_000
+STICKY_CACHE_SIZE: Final = 100_000  # unit ids remembered per config version (~10 MB at most)
 
 
 def bucket_of(unit_id: str, salt: str) -> int:
@@ -68,6 +69,7 @@ class Assigner:
     override: str | None  # when paused/stopped, everyone goes here
     override_kind: str
     rng: random.Random = field(compare=False)
+    sticky_cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_experiment(cls, experiment: Experiment) -> Assigner:
@@ -93,7 +95,15 @@ class Assigner:
             return self.override, self.override_kind
         if self.sticky:
             if unit_id:
-                return self.names[self.table[bucket_of(unit_id, self.salt)]], "sticky"
+                # Users come back: remembering their variant skips the hash (a third of the
+                # assignment's cost on the proxy's hot path). One cache per config version.
+                variant = self.sticky_cache.get(unit_id)
+                if variant is None:
+                    variant = self.names[self.table[bucket_of(unit_id, self.salt)]]
+                    if len(self.sticky_cache) >= STICKY_CACHE_SIZE:
+                        self.sticky_cache.clear()
+                    self.sticky_cache[unit_id] = variant
+                return variant, "sticky"
             return self.names[self.table[self.rng.randrange(BUCKETS)]], "random_no_key"
         return self.names[self.table[self.rng.randrange(BUCKETS)]], "random"
 

@@ -49,7 +49,6 @@ _NOT_RETURNED = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "content-length", "x-variant", "x-request-id",
 })
-_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -254,7 +253,7 @@ class Proxy:
 
     @staticmethod
     def _unit_id(request: web.BaseRequest, body: bytes, active: ActiveConfig) -> str | None:
-        kind, name = active.experiment.sticky_source
+        kind, name = active.sticky_source
         if kind == "header":
             value = request.headers.get(name)
         elif kind == "cookie":
@@ -349,27 +348,32 @@ def _finite_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _forwarded_headers(request: web.BaseRequest, request_id: str) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones, plus X-Forwarded-* and X-Request-ID."""
-    raw = request.raw_headers
+def _forwarded_headers(request: web.BaseRequest, request_id: str) -> bytes:
+    """The header lines sent upstream: the client's minus hop-by-hop ones, plus X-Request-ID and X-Forwarded-*.
+
+    Built once per request as bytes; `serialize_request` adds the request line, Host and framing.
+    """
     connection_tokens: frozenset[bytes] = frozenset()
     forwarded_for = b""
-    headers: list[tuple[bytes, bytes]] = []
-    for name, value in raw:
+    host = b""
+    lines: list[bytes] = []
+    for name, value in request.raw_headers:
         lower = name.lower()
-        if lower == b"connection":
+        if lower not in _NOT_FORWARDED:
+            lines.append(b"%s: %s\r\n" % (name, value))
+        elif lower == b"host":
+            host = value
+        elif lower == b"connection":
             connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
         elif lower == b"x-forwarded-for":
-            forwarded_for = value + b", " if not forwarded_for else forwarded_for + value + b", "
-        elif lower not in _NOT_FORWARDED:
-            headers.append((name, value))
-    if connection_tokens:
-        headers = [(name, value) for name, value in headers if name.lower() not in connection_tokens]
-    headers.append((b"X-Request-ID", request_id.encode()))
-    headers.append((b"X-Forwarded-For", forwarded_for + (request.remote or "unknown").encode()))
-    headers.append((b"X-Forwarded-Host", (request.host or "").encode("latin-1", "replace")))
-    headers.append((b"X-Forwarded-Proto", request.scheme.encode()))
-    return headers
+            forwarded_for += value + b", "
+    if connection_tokens:  # headers the client named as hop-by-hop in Connection (rare)
+        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
+    lines.append(
+        b"X-Request-ID: %s\r\nX-Forwarded-For: %s%s\r\nX-Forwarded-Host: %s\r\nX-Forwarded-Proto: http\r\n"
+        % (request_id.encode(), forwarded_for, (request.remote or "unknown").encode(), host)
+    )
+    return b"".join(lines)
 
 
 def _returned_headers(response: UpstreamResponse, variant: str, request_id: str) -> CIMultiDict[str]:

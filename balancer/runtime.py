@@ -36,6 +36,7 @@ class ActiveConfig:
     assigner: Assigner
     variant_metrics: dict[str, VariantMetrics]
     applied_at: float
+    sticky_source: tuple[str, str]  # (header|cookie|json, name), parsed once
 
     @property
     def experiment(self) -> Experiment:
@@ -138,6 +139,7 @@ class Runtime:
             assigner=Assigner.for_experiment(experiment),
             variant_metrics={v.name: metrics.children(experiment.name, v.name) for v in experiment.variants},
             applied_at=time.time(),
+            sticky_source=experiment.sticky_source,
         )
         self.last_error = None
 

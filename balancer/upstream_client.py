@@ -16,6 +16,10 @@ from dataclasses import dataclass
 import httptools
 
 
+_BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+SWEEP_INTERVAL_S = 0.05  # timeout resolution
+
+
 class UpstreamError(Exception):
     """Base of every failure talking to an upstream; `retryable` if no byte of a response arrived."""
 
@@ -59,11 +63,12 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "transport", "parser", "waiter", "headers", "body", "closed", "keep_alive",
-        "received_any", "address", "timer", "response_headers", "head",
+        "received_any", "address", "deadline", "timeout", "response_headers", "head", "pool",
     )
 
-    def __init__(self, address: str) -> None:
-        self.address = address
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.address = pool.address
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
@@ -72,7 +77,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = False
         self.received_any = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time after which the pool's sweep fails the request
+        self.timeout = 0.0
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.head = False
 
@@ -110,9 +116,8 @@ class _Connection(asyncio.Protocol):
             # A HEAD response has no body whatever its Content-Length says, but the parser cannot be
             # told so: answer now and retire the connection rather than wait for bytes that never come.
             self.keep_alive = False
-            if self.timer is not None:
-                self.timer.cancel()
             if self.waiter is not None and not self.waiter.done():
+                self.pool.release(self)
                 self.waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.response_headers, b""))
 
     def on_body(self, body: bytes) -> None:
@@ -125,33 +130,31 @@ class _Connection(asyncio.Protocol):
             self.body = []
             return
         self.keep_alive = self.parser.should_keep_alive()
-        if self.timer is not None:
-            self.timer.cancel()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+            self.pool.release(self)
             waiter.set_result(UpstreamResponse(status, self.response_headers, body))
 
     # client side
-    def send(self, payload: bytes, timeout: float, head: bool = False) -> asyncio.Future[UpstreamResponse]:
+    def send(self, payload: bytes, deadline: float, timeout: float, head: bool) -> asyncio.Future[UpstreamResponse]:
         """Write one request (`head`: it is a HEAD request); the future resolves with its response."""
-        loop = asyncio.get_running_loop()
         self.head = head
-        self.waiter = loop.create_future()
+        self.waiter = waiter = asyncio.get_running_loop().create_future()
         self.headers = []
         self.body = []
         self.received_any = False
-        self.timer = loop.call_later(timeout, self._on_timeout, timeout)
+        self.deadline = deadline
+        self.timeout = timeout
         assert self.transport is not None
         self.transport.write(payload)
-        return self.waiter
+        return waiter
 
-    def _on_timeout(self, timeout: float) -> None:
-        self._fail(UpstreamTimeoutError(self.address, f"no complete response within {timeout:g}s"))
+    def on_deadline(self) -> None:
+        """Called by the pool's sweep when the request outlived its deadline."""
+        self._fail(UpstreamTimeoutError(self.address, f"no complete response within {self.timeout:g}s"))
 
     def _fail(self, error: UpstreamError) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(error)
         self.close()
@@ -159,6 +162,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         """Close the socket; a pending request fails."""
         self.closed = True
+        self.pool.forget(self)
         if self.transport is not None:
             self.transport.close()
 
@@ -174,6 +178,8 @@ class ConnectionPool:
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self._idle: deque[_Connection] = deque()
+        self._busy: set[_Connection] = set()
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def request(self, payload: bytes, timeout: float, *, head: bool = False) -> UpstreamResponse:
@@ -183,26 +189,51 @@ class ConnectionPool:
         idle is retried once on a fresh connection: no byte was processed.
         """
         connection = self._take_idle()
-        if connection is not None:
-            try:
-                return await self._exchange(connection, payload, timeout, head)
-            except UpstreamClosedError as exc:
-                if not exc.retryable:
-                    raise
-        connection = await self._connect()
-        return await self._exchange(connection, payload, timeout, head)
-
-    async def _exchange(self, connection: _Connection, payload: bytes, timeout: float, head: bool) -> UpstreamResponse:
+        if connection is None:
+            connection = await self._connect()
         try:
-            response = await connection.send(payload, timeout, head)
+            return await self._exchange(connection, payload, timeout, head)
+        except UpstreamClosedError as exc:
+            if not exc.retryable:
+                raise
+        except asyncio.CancelledError:  # the caller gave up mid-exchange: the connection is unusable
+            connection.close()
+            raise
+        connection = await self._connect()
+        try:
+            return await self._exchange(connection, payload, timeout, head)
         except asyncio.CancelledError:
             connection.close()
             raise
+
+    def _exchange(self, connection: _Connection, payload: bytes, timeout: float, head: bool) -> asyncio.Future[UpstreamResponse]:
+        loop = asyncio.get_running_loop()
+        waiter = connection.send(payload, loop.time() + timeout, timeout, head)
+        self._busy.add(connection)
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
+        return waiter
+
+    def release(self, connection: _Connection) -> None:
+        """A connection finished its exchange: keep it for reuse if it may be reused."""
+        self._busy.discard(connection)
         if connection.keep_alive and not connection.closed and not self._closed and len(self._idle) < self.max_idle:
             self._idle.append(connection)
         else:
             connection.close()
-        return response
+
+    def forget(self, connection: _Connection) -> None:
+        """A connection closed: it is neither busy nor idle any more (idle ones are skipped when taken)."""
+        self._busy.discard(connection)
+
+    def _sweep(self) -> None:
+        """Fail requests past their deadline: one timer per pool instead of one per request."""
+        now = asyncio.get_running_loop().time()
+        for connection in [c for c in self._busy if c.deadline <= now]:
+            connection.on_deadline()
+        self._sweep_handle = (
+            asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep) if self._busy and not self._closed else None
+        )
 
     def _take_idle(self) -> _Connection | None:
         idle = self._idle
@@ -217,7 +248,7 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _Connection(self.address), self.host, self.port
+                    lambda: _Connection(self), self.host, self.port
                 )
         except TimeoutError as exc:
             raise UpstreamConnectError(self.address, f"connect timed out after {self.connect_timeout:g}s") from exc
@@ -230,6 +261,9 @@ class ConnectionPool:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+        if self._sweep_handle is not None and not self._busy:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
 
     @property
     def idle_count(self) -> int:
@@ -237,15 +271,9 @@ class ConnectionPool:
         return len(self._idle)
 
 
-def serialize_request(
-    method: str, target: str, authority: str, headers: list[tuple[bytes, bytes]], body: bytes
-) -> bytes:
-    """HTTP/1.1 request bytes with Host and Content-Length set; `headers` are already filtered."""
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n".encode("latin-1")]
-    for name, value in headers:
-        lines.append(name + b": " + value + b"\r\n")
-    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-    lines.append(b"\r\n")
-    lines.append(body)
-    return b"".join(lines)
+def serialize_request(method: str, target: str, authority: str, header_lines: bytes, body: bytes) -> bytes:
+    """HTTP/1.1 request bytes: request line, Host, the already-filtered `header_lines`, Content-Length, body."""
+    length = b"Content-Length: %d\r\n" % len(body) if body or method not in _BODYLESS else b""
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n%s" % (
+        method.encode(), target.encode("latin-1"), authority.encode(), header_lines, length, body,
+    )

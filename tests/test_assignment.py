@@ -136,3 +136,15 @@ def test_assignment_is_stable_across_processes() -> None:
         for seed in ("1", "2")
     }
     assert outputs == {str([bucket_of(f"u{i}", "s") for i in range(50)]) + "\n"}
+
+
+def test_the_sticky_cache_gives_the_hashed_answer_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from balancer import assignment
+
+    monkeypatch.setattr(assignment, "STICKY_CACHE_SIZE", 50)
+    experiment = make_experiment([30, 70])
+    assigner = Assigner.for_experiment(experiment)
+    for round_ in range(3):
+        for i in range(120):
+            assert assigner.choose(f"u{i}") == (choose_variant(f"u{i}", experiment), "sticky")
+    assert len(assigner.sticky_cache) <= 50

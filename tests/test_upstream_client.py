@@ -52,7 +52,7 @@ async def server() -> AsyncIterator[Callable[[Reply], asyncio.Future[tuple[int, 
 
 
 def request(pool: ConnectionPool, method: str = "POST", body: bytes = b"{}") -> bytes:
-    return serialize_request(method, "/predict?x=1", pool.authority, [(b"X-Test", b"1")], body)
+    return serialize_request(method, "/predict?x=1", pool.authority, b"X-Test: 1\r\n", body)
 
 
 async def test_keep_alive_connections_are_reused(server) -> None:  # type: ignore[no-untyped-def]
@@ -107,6 +107,6 @@ async def test_timeout_and_refused_connection(server) -> None:  # type: ignore[n
 
 
 def test_serialized_request_sets_host_and_length() -> None:
-    payload = serialize_request("POST", "/p?q=1", "model_a:8001", [(b"X-A", b"1")], b"abc")
+    payload = serialize_request("POST", "/p?q=1", "model_a:8001", b"X-A: 1\r\n", b"abc")
     assert payload == b"POST /p?q=1 HTTP/1.1\r\nHost: model_a:8001\r\nX-A: 1\r\nContent-Length: 3\r\n\r\nabc"
-    assert b"Content-Length" not in serialize_request("GET", "/", "h", [], b"")
+    assert b"Content-Length" not in serialize_request("GET", "/", "h", b"", b"")
