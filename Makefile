@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-$(ARTIFACTS)/.trained: $(STAMP) $(wildcard modelserver/*.py)
+$(ARTIFACTS)/.trained: $(STAMP) $(wildcard modelserver/*.py model_a/*.py model_b/*.py)
 	$(BIN)/python -m modelserver.train --out $(ARTIFACTS)
 	@touch $@
 
