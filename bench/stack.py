@@ -46,6 +46,7 @@ class BalancerOptions:
 KINDS = ("noop", "model")
 FEATURE_BASELINE = "outcomes and metrics off"
 # every balancer configuration measured on the no-op backends; the first is the production default
+FLOOR_LABEL = "aiohttp floor: server + upstream client only"
 FEATURE_CONFIGURATIONS = (
     BalancerOptions("default"),
     BalancerOptions("outcomes off", record_outcomes=False),
@@ -137,6 +138,16 @@ class Stack:
         return Target(name=f"{kind} balancer" + ("" if options.label == "default" else f" ({options.label})"),
                       kind=kind, hop="balancer", url=f"http://{HOST}:{port}{PREDICT_PATH}",
                       proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
+
+    def floor(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...]) -> Target:
+        """Start `bench/floor_proxy.py`: aiohttp's server + the balancer's upstream client, no features."""
+        port = free_port()
+        command = [sys.executable, "-m", "bench.floor_proxy", "--port", str(port),
+                   *(f"--upstream={name}={upstreams[name]}" for name in VARIANTS)]
+        process = self._spawn(f"{kind}-floor", command, f"http://{HOST}:{port}/healthz")
+        return Target(name=f"{kind} balancer ({FLOOR_LABEL})", kind=kind, hop="balancer",
+                      url=f"http://{HOST}:{port}{PREDICT_PATH}", proxy_pid=process.pid,
+                      backend_pids=backend_pids, command=tuple(command))
 
     def nginx_proxy(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...]) -> Target:
         """Start nginx (one worker, sticky 50/50 on X-User-ID, upstream keep-alive); ready after `ready()`."""
