@@ -107,7 +107,7 @@ def _time_ticks(ts: list[float], x: Scale) -> list[tuple[float, str]]:
     if not ts:
         return []
     span = ts[-1] - ts[0]
-    fmt = "%H:%M" if span < 2 * 86_400 else "%m-%d"
+    fmt = "%H:%M:%S" if span < 600 else "%H:%M" if span < 2 * 86_400 else "%m-%d"  # ticks must differ
     picks = [ts[round(i * (len(ts) - 1) / 4)] for i in range(5)]
     return [(t, datetime.fromtimestamp(t, tz=UTC).strftime(fmt)) for t in picks]
 
