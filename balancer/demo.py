@@ -49,7 +49,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    """Run the whole loop once and print the report."""
+    """Run the whole loop once and print the report; Ctrl-C stops every process and exits 130."""
+    try:
+        return _run_demo(args)
+    except KeyboardInterrupt:
+        report_console().print("[yellow]interrupted: every process is stopped[/yellow]")
+        return 130
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     console = report_console()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -162,10 +162,16 @@ async def run_load(
                     feedback_tasks.add(task)
                     task.add_done_callback(feedback_tasks.discard)
 
-        await asyncio.gather(*(worker(plan[i::concurrency]) for i in range(concurrency)))
-        result.seconds = time.monotonic() - started
-        if feedback_tasks:
-            await asyncio.gather(*feedback_tasks)
+        try:
+            await asyncio.gather(*(worker(plan[i::concurrency]) for i in range(concurrency)))
+            result.seconds = time.monotonic() - started
+            if feedback_tasks:
+                await asyncio.gather(*feedback_tasks)
+        finally:  # interrupted (Ctrl-C): no feedback may outlive the session
+            pending = list(feedback_tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
     return result
 
 
