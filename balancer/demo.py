@@ -29,7 +29,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{' '.join(map(str, process.args))} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return

@@ -200,7 +200,7 @@ def _srm_result(observed: NDArray[np.float64], expected: NDArray[np.float64], na
     total = float(observed.sum())
     unexpected = [name for name, o, e in zip(names, observed, expected, strict=True) if e <= 0 < o]
     positive = expected > 0
-    statistic, p_value = srm_test(observed[positive], expected[positive])
+    statistic, p_value = srm_test(observed[positive].tolist(), expected[positive].tolist())
     checked = total >= settings.srm_min_units
     return {
         "statistic": statistic,

@@ -60,7 +60,8 @@ def write_synthetic_store(
     unit_ids = np.char.add("u", unit.astype(str)).astype(object)
     # zero-padded ids arrive in key order, so the primary-key index is appended to, not split
     request_ids = np.char.add("r", np.char.zfill(np.arange(requests).astype(str), 9)).astype(object)
-    error = np.where(failed, "upstream error", None)
+    error = np.where(failed, "upstream error", "").astype(object)
+    error[~failed] = None
     rows = zip(
         request_ids.tolist(), ts.tolist(), [experiment] * requests, [1] * requests, variant_names.tolist(),
         variant_names.tolist(), assignment.tolist(), unit_ids.tolist(), status.tolist(), latency.tolist(),

@@ -284,5 +284,5 @@ async def resolve(host: str, port: int) -> list[str]:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         return []
-    ipv4 = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET})
-    return ipv4 or sorted({info[4][0] for info in infos})
+    ipv4 = sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET})
+    return ipv4 or sorted({str(info[4][0]) for info in infos})
