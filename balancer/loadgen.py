@@ -120,7 +120,7 @@ async def run_load(
                         result.feedback_sent += 1
                     else:
                         result.feedback_errors += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 result.feedback_errors += 1
 
         async def worker(jobs: list[tuple[str, int]]) -> None:
@@ -141,7 +141,7 @@ async def run_load(
                         status = reply.status
                         variant = reply.headers.get("X-Variant", "?")
                         request_id = reply.headers.get("X-Request-ID", "")
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     status, variant, request_id, body = 0, "?", "", b""
                 result.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
                 result.sent += 1

@@ -97,6 +97,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.pool.forget(self)
         if self.waiter is not None and not self.waiter.done():
             error = UpstreamClosedError(self.address, "connection closed before the response completed")
             # A reused connection the server closed while idle: nothing was processed.

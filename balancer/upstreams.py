@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -258,7 +258,7 @@ class UpstreamRegistry:
         try:
             async with self._session.get(url, timeout=timeout) as response:
                 return response.status < 500
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     def describe(self) -> list[dict[str, object]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from collections import Counter
@@ -105,12 +104,14 @@ def test_ramp_only_moves_users_into_the_ramped_variant_and_moves_the_minimum() -
     users = [f"user-{i}" for i in range(10_000)]
     salt = "exp:42"
     buckets = [bucket_of(user, salt) for user in users]
-    previous = None
+    previous: list[int] | None = None
+    previous_table: tuple[int, ...] = ()
+    previous_challenger = 0
     for challenger in (10, 20, 50):
         table = bucket_table([100 - challenger, challenger])
         assignment = [table[bucket] for bucket in buckets]
         if previous is not None:
-            moved = [i for i, (before, after) in enumerate(zip(previous, assignment)) if before != after]
+            moved = [i for i, (before, after) in enumerate(zip(previous, assignment, strict=True)) if before != after]
             assert all(previous[i] == 0 and assignment[i] == 1 for i in moved), "someone left the challenger"
             # the minimum possible: exactly the users whose buckets changed owner
             changed_buckets = sum(1 for b in range(BUCKETS) if table[b] != previous_table[b])
@@ -144,7 +145,7 @@ def test_the_sticky_cache_gives_the_hashed_answer_and_stays_bounded(monkeypatch:
     monkeypatch.setattr(assignment, "STICKY_CACHE_SIZE", 50)
     experiment = make_experiment([30, 70])
     assigner = Assigner.for_experiment(experiment)
-    for round_ in range(3):
+    for _ in range(3):
         for i in range(120):
             assert assigner.choose(f"u{i}") == (choose_variant(f"u{i}", experiment), "sticky")
     assert len(assigner.sticky_cache) <= 50

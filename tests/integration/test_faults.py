@@ -176,7 +176,7 @@ async def drive(url: str, *, seconds: float, concurrency: int = 6, max_requests:
                     load.answers.append(Answer(user, reply.status, reply.headers.get("X-Variant"),
                                                reply.headers.get("X-Request-ID"), time.monotonic() - sent,
                                                sent - started, body, dict(reply.headers)))
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 load.answers.append(Answer(user, 0, None, None, time.monotonic() - sent, sent - started, type(exc).__name__))
                 await asyncio.sleep(0.05)  # the balancer is gone or going: do not spin
 

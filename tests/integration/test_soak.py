@@ -77,7 +77,7 @@ async def steady_traffic(url: str, seconds: float, traffic: Traffic) -> None:
                                                 json={"request_id": request_id, "value": rng.random()}) as answer:
                             await answer.read()
                             traffic.feedback[answer.status] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 traffic.statuses[0] += 1
                 await asyncio.sleep(0.05)
 
