@@ -21,7 +21,6 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from balancer.config import ConfigError, parse_experiment
 from balancer.events import EventLog
-from balancer.proxy import json_error
 from balancer.runtime import Runtime
 from balancer.upstreams import UpstreamRegistry
 
@@ -34,6 +33,11 @@ RUNTIME_KEY = web.AppKey("runtime", Runtime)
 REGISTRY_KEY = web.AppKey("registry", UpstreamRegistry)
 EVENTS_KEY = web.AppKey("events", EventLog)
 TOKEN_KEY = web.AppKey("token", str)
+
+
+def json_error(status: int, message: str) -> web.Response:
+    """The one way the admin port reports an error: JSON naming what is wrong."""
+    return web.json_response({"error": message}, status=status)
 
 
 def build_admin_app(runtime: Runtime, registry: UpstreamRegistry, events: EventLog, *, token: str | None) -> web.Application:

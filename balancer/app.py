@@ -20,6 +20,7 @@ from aiohttp import web
 from balancer.admin import build_admin_app
 from balancer.config import ConfigError, LoadedConfig, ServerSettings, load_experiment
 from balancer.events import EventLog
+from balancer.http_server import HttpServer
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import Proxy
 from balancer.runtime import Runtime
@@ -75,7 +76,7 @@ class Balancer:
                 "set BALANCER_ADMIN_TOKEN (or --admin-token) so admin endpoints require a bearer token"
             )
         self.stopped = asyncio.Event()
-        self.public_runner: web.ServerRunner | None = None
+        self.public_server: HttpServer | None = None
         self.admin_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -92,13 +93,11 @@ class Balancer:
         self.runtime.watch()
         self.proxy = Proxy(self.runtime, self.registry, self.events, self.metrics)
 
-        # aiohttp's own keep-alive default is an hour; a client that idles (or never finishes its
-        # headers) should not hold a socket that long.
-        server = web.Server(self.proxy.handle, handler_cancellation=False, access_log=None,
-                            keepalive_timeout=settings.client_keepalive_timeout_s)
-        self.public_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.options.drain_timeout_s)
-        await self.public_runner.setup()
-        await web.TCPSite(self.public_runner, settings.host, settings.port, backlog=1024).start()
+        self.public_server = HttpServer(
+            self.proxy, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.client_body_timeout_s,
+            keepalive_timeout_s=settings.client_keepalive_timeout_s,
+        )
+        await self.public_server.start(settings.host, settings.port, backlog=1024)
 
         admin = build_admin_app(self.runtime, self.registry, self.events, token=self.options.admin_token)
         self.admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=2.0)
@@ -113,10 +112,12 @@ class Balancer:
     async def stop(self) -> None:
         """Graceful stop: no new connections, drain in-flight requests, flush the log."""
         logger.info("stopping: draining in-flight requests (at most %gs)", self.options.drain_timeout_s)
-        if self.public_runner is not None:
-            await self.public_runner.cleanup()  # closes the listener, waits for handlers
+        if self.public_server is not None:
+            self.public_server.close()  # no new connections; idle ones close, busy ones after their answer
         if not await self.proxy.wait_idle(self.options.drain_timeout_s):
             logger.warning("%d requests still in flight after the drain timeout", self.proxy.in_flight)
+        if self.public_server is not None:
+            await self.public_server.stop()
         await self.runtime.close()
         await self.registry.close()
         await self.session.close()

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,13 @@ from balancer import store
 
 logger = logging.getLogger(__name__)
 
-# A whole batch is one statement over one JSON parameter: sqlite3's executemany would release and
-# retake the GIL around every row, and each handoff stalls the event loop (measured: the writer
-# thread's CPU per request halves, and the loop's tail latency drops).
-_INSERT_REQUESTS = "INSERT OR IGNORE INTO requests ({}) SELECT {} FROM json_each(?)".format(
-    ", ".join(store.REQUEST_COLUMNS),
-    ", ".join(f"json_extract(value, '$[{index}]')" for index in range(len(store.REQUEST_COLUMNS))),
-)
+# A batch goes in as few statements as possible: each `execute` releases and retakes the GIL,
+# and every handoff stalls the event loop (sqlite3's executemany does it once per row). One
+# multi-row `INSERT ... VALUES (...), (...)` takes up to _ROWS_PER_STATEMENT rows: SQLite
+# allows 32,766 parameters since 3.32. `python -m bench.store_insert` compares the methods.
+_ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(store.REQUEST_COLUMNS)) + ")"
+_INSERT_PREFIX = "INSERT OR IGNORE INTO requests ({}) VALUES ".format(", ".join(store.REQUEST_COLUMNS))
+_ROWS_PER_STATEMENT = 32_766 // len(store.REQUEST_COLUMNS)
 _UPSERT_FEEDBACK = "INSERT OR REPLACE INTO feedback (request_id, ts, value) VALUES (?, ?, ?)"
 _INSERT_CONFIG = (
     "INSERT OR REPLACE INTO configs (version, hash, ts, experiment, status, control, weights, body) "
@@ -41,7 +42,7 @@ class EventLog:
     def __init__(self, path: str | Path, *, flush_interval_s: float = 0.2, recent_ids: int = 200_000) -> None:
         self.path = Path(path)
         self.flush_interval_s = flush_interval_s
-        self._connection = store.connect(self.path)
+        self._connection = store.connect(self.path, cached_statements=8)
         self._reader = store.connect(self.path)
         self._requests: list[tuple[Any, ...]] = []
         self._feedback: list[tuple[str, float, float]] = []
@@ -124,7 +125,7 @@ class EventLog:
                 connection.executemany(_INSERT_CONFIG, configs)
             if requests:
                 before = connection.total_changes
-                connection.execute(_INSERT_REQUESTS, (json.dumps(requests),))
+                insert_requests(connection, requests)
                 inserted = connection.total_changes - before
                 self.duplicate_requests += len(requests) - inserted
             if feedback:
@@ -160,3 +161,11 @@ class EventLog:
     def pending(self) -> int:
         """Records buffered but not yet committed."""
         return len(self._requests) + len(self._feedback)
+
+
+def insert_requests(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """INSERT OR IGNORE `rows` (columns in `store.REQUEST_COLUMNS` order) in as few statements as possible."""
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start:start + _ROWS_PER_STATEMENT]
+        # Every batch size is a new statement text: the writer's connection does not cache them.
+        connection.execute(_INSERT_PREFIX + ",".join([_ROW_PLACEHOLDERS] * len(chunk)), list(chain.from_iterable(chunk)))

@@ -18,15 +18,15 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from balancer.events import EventLog
+from balancer.http_server import HttpRequest, HttpResponse, json_response
 from balancer.metrics import BalancerMetrics
 from balancer.runtime import ActiveConfig, Runtime
 from balancer.upstream_client import (
+    UpstreamClosedError,
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeoutError,
@@ -46,14 +46,15 @@ _NOT_FORWARDED = frozenset({
     b"expect",  # the body is already complete: upstream it could only provoke a 100 Continue
 })
 _NOT_RETURNED = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "content-length", "x-variant", "x-request-id",
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"te", b"trailer", b"trailers",
+    b"transfer-encoding", b"upgrade", b"content-length", b"x-variant", b"x-request-id",
 })
+_OVERLOAD_HEADERS = b"Retry-After: 1\r\n"
 
 
-def json_error(status: int, message: str, **extra: Any) -> web.Response:
-    """The one way the balancer reports an error to a client: JSON naming what is wrong."""
-    return web.json_response({"error": message, **extra}, status=status)
+def json_error(status: int, message: str, extra_headers: bytes = b"", **extra: Any) -> HttpResponse:
+    """The one way the public port reports an error to a client: JSON naming what is wrong."""
+    return json_response(status, {"error": message, **extra}, extra_headers)
 
 
 class ClientInputError(Exception):
@@ -75,8 +76,6 @@ class Proxy:
         assert runtime.active is not None
         server = runtime.active.experiment.server
         self.max_in_flight = server.max_in_flight
-        self.max_body_bytes = server.max_body_bytes
-        self.client_body_timeout_s = server.client_body_timeout_s
         self.allow_override = server.allow_override_header
         self.trusted_override_sources = tuple(ipaddress.ip_network(s, strict=False) for s in server.trusted_override_sources)
         self.log_request_data = server.log_request_data
@@ -84,31 +83,72 @@ class Proxy:
         self.export_metrics = server.export_metrics
         self.in_flight = 0
         metrics.in_flight.set_function(lambda: float(self.in_flight))
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._sticky_header_names: dict[str, bytes] = {}
         self._id_prefix = os.urandom(5).hex()
         self._id_counter = itertools.count(1)
         self._id_entropy = ""
         self._id_entropy_at = 0
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Entry point for every request on the public port."""
-        if request.path == "/feedback" and request.method == "POST":
-            return await self.feedback(request)
+    # --- balancer.http_server.RequestHandler -------------------------------------------------
+
+    def admit(self, request: HttpRequest) -> HttpResponse | None:
+        """Headers are in: take a slot, or refuse with 503 when max_in_flight are already in progress.
+
+        Feedback is never refused for load: it is small, and losing ground truth costs more.
+        """
+        if _is_feedback(request):
+            return None
         if self.in_flight >= self.max_in_flight:
             self.metrics.rejected.labels("overload").inc()
-            return web.json_response(
-                {"error": f"overloaded: {self.in_flight} requests in flight (max_in_flight)"},
-                status=503, headers={"Retry-After": "1"},
-            )
+            return json_error(503, f"overloaded: {self.in_flight} requests in flight (max_in_flight)", _OVERLOAD_HEADERS)
         self.in_flight += 1
-        self._idle.clear()
+        request.counted = True
+        return None
+
+    def finished(self, request: HttpRequest) -> None:
+        """An admitted request is over."""
+        if not request.counted:
+            return
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle_waiters:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    def rejected(self, reason: str) -> None:
+        """The server refused a request itself (malformed, too large, too slow)."""
+        self.metrics.rejected.labels(reason).inc()
+
+    def handle(self, request: HttpRequest, respond: Callable[[HttpResponse], None]) -> None:
+        """Answer one complete request: /feedback, or proxy it.
+
+        The common case runs without a task: assignment, then the request goes out on an idle
+        pooled connection whose response callback answers the client (`_Exchange`). Whatever
+        needs waiting (a new connection, a retry, a fallback, feedback's store lookup) runs as a task.
+        """
+        if not request.counted:  # admitted without a slot: feedback
+            _spawn(self.feedback(request), respond)
+            return
+        exchange = _Exchange(self, request, respond)
         try:
-            return await self._proxy(request)
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            exchange.variant, exchange.kind, exchange.unit_id = self._assign(request, exchange.active)
+        except ClientInputError as exc:
+            self.metrics.rejected.labels("bad_request").inc()
+            respond(json_error(exc.status, str(exc), b"X-Request-ID: %s\r\n" % exchange.request_id.encode()))
+            return
+        upstreams = self.registry.variants.get(exchange.variant)
+        endpoint = upstreams.pick() if upstreams is not None else None
+        connection = endpoint.pool.take_idle() if endpoint is not None else None
+        if endpoint is None or connection is None:
+            _spawn(self._proxy(exchange, endpoint), respond)
+            return
+        exchange.endpoint = endpoint
+        exchange.headers = headers = _forwarded_headers(request, exchange.request_id)
+        timeout = exchange.active.experiment.upstream.try_timeout_s
+        payload = serialize_request(request.method, request.target, endpoint.pool.authority, headers, request.body)
+        endpoint.pool.send(connection, payload, timeout, request.method == "HEAD", exchange.on_upstream)
 
     def _new_request_id(self) -> str:
         """Process prefix + counter (ids sort by arrival, so the store appends) + 48 random bits.
@@ -125,122 +165,59 @@ class Proxy:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (graceful stop); False if the timeout passed first."""
+        if self.in_flight == 0:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
-                await self._idle.wait()
+                await waiter
         except TimeoutError:
             return False
         return True
 
-    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
-        arrived = time.time()
-        active = self.runtime.active
-        assert active is not None
-        experiment = active.experiment
-        request_id = request.headers.get("X-Request-ID")
-        if request_id is None or REQUEST_ID_PATTERN.match(request_id) is None:
-            request_id = self._new_request_id()
-        try:
-            content = request.content
-            if not request.body_exists:
-                body = b""
-            elif content.is_eof():  # the usual case: the whole body arrived with the headers
-                body = content.read_nowait()
-                if len(body) > self.max_body_bytes:
-                    raise ClientInputError(413, f"request body of {len(body)} bytes exceeds max_body_bytes = {self.max_body_bytes}")
-            else:
-                body = await self._read_body(request)
-            variant, kind, unit_id = self._assign(request, body, active)
-        except ClientInputError as exc:
-            self.metrics.rejected.labels("bad_request").inc()
-            response = json_error(exc.status, str(exc))
-            response.headers["X-Request-ID"] = request_id
-            return response
+    async def _proxy(self, exchange: _Exchange, endpoint: Endpoint | None,
+                     failure: UpstreamError | None = None) -> HttpResponse:
+        """The general path: forward (connecting, retrying), fall back to the control if configured, answer.
 
-        served_variant = variant
-        endpoint, upstream_response, error = await self._forward(request, body, request_id, variant, active)
+        `endpoint` is the replica already picked; with `failure`, the error its first try got.
+        """
+        active = exchange.active
+        experiment = active.experiment
+        variant = exchange.variant
+        upstream_response, error = None, failure
+        if endpoint is not None:
+            endpoint, upstream_response, error = await self._forward(exchange, variant, endpoint, failure)
         variant_down = upstream_response is None and (error is None or error.retryable)  # nothing accepted a connection
+        served_variant = variant
         if variant_down and experiment.upstream.on_variant_down == "fallback" and variant != experiment.control_name:
             served_variant = experiment.control_name
-            kind = "fallback"
+            exchange.kind = "fallback"
             active.variant_metrics[variant].fallbacks.inc()
-            endpoint, upstream_response, error = await self._forward(request, body, request_id, served_variant, active)
+            upstreams = self.registry.variants.get(served_variant)
+            endpoint = upstreams.pick() if upstreams is not None else None
+            upstream_response, error = None, None
+            if endpoint is not None:
+                endpoint, upstream_response, error = await self._forward(exchange, served_variant, endpoint, None)
+        exchange.endpoint = endpoint
+        return exchange.answer(upstream_response, error, served_variant)
 
-        if upstream_response is not None:
-            response = web.Response(status=upstream_response.status, body=upstream_response.body,
-                                    headers=_returned_headers(upstream_response, served_variant, request_id))
-        elif isinstance(error, UpstreamTimeoutError):
-            response = json_error(504, f"variant {served_variant!r} did not answer in time: {error.reason}", variant=served_variant)
-        elif error is None or error.retryable:
-            response = json_error(503, f"variant {served_variant!r} is down: no upstream accepted a connection"
-                                  + (f" (last: {error.reason})" if error else ""), variant=served_variant)
-        else:
-            response = json_error(502, f"variant {served_variant!r} failed: {error}", variant=served_variant)
-        if upstream_response is None:
-            response.headers["X-Variant"] = served_variant
-            response.headers["X-Request-ID"] = request_id
-
-        seconds = time.perf_counter() - started
-        if self.export_metrics:
-            active.variant_metrics[variant].observe(response.status, seconds)
-        if self.record_outcomes:
-            self.events.record_request((
-                request_id, arrived, experiment.name, active.version, variant,
-                endpoint.address if endpoint is not None else None, kind, unit_id,
-                response.status, seconds * 1000.0, None if error is None or upstream_response is not None else str(error),
-            ))
-        if self.log_request_data:
-            logger.info("%s %s %s -> %s %d %.1fms", request_id, request.method, request.path_qs, variant, response.status, seconds * 1000)
-        return response
-
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
-        """The body, at most max_body_bytes (else 413); one still arriving must end within client_body_timeout_s (else 408)."""
-        if not request.body_exists:
-            return b""
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise ClientInputError(413, f"request body of {length} bytes exceeds max_body_bytes = {self.max_body_bytes}")
-        if request.content.is_eof():  # fully buffered: nothing can stall, no timer needed
-            return await self._read_chunks(request)
-        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-            # The client waits for this before it sends the body (the low-level server does not send it).
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-        try:
-            async with asyncio.timeout(self.client_body_timeout_s):
-                return await self._read_chunks(request)
-        except TimeoutError:
-            raise ClientInputError(
-                408, f"request body not received within client_body_timeout_s = {self.client_body_timeout_s:g}s"
-            ) from None
-
-    async def _read_chunks(self, request: web.BaseRequest) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise ClientInputError(413, f"request body exceeds max_body_bytes = {self.max_body_bytes}")
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _assign(self, request: web.BaseRequest, body: bytes, active: ActiveConfig) -> tuple[str, str, str | None]:
+    def _assign(self, request: HttpRequest, active: ActiveConfig) -> tuple[str, str, str | None]:
         """(variant, how it was assigned, unit id if sticky)."""
-        forced = request.headers.get(OVERRIDE_HEADER)
+        forced = request.header(b"x-variant")
         if forced is not None and self._override_allowed(request):
             if forced not in active.variant_metrics:
                 raise ClientInputError(400, f"header {OVERRIDE_HEADER}: {forced!r} is not a variant; expected one of {list(active.variant_metrics)}")
             return forced, "forced", None
         assigner = active.assigner
         if assigner.sticky and assigner.override is None:
-            unit_id = self._unit_id(request, body, active)
+            unit_id = self._unit_id(request, active)
             variant, kind = assigner.choose(unit_id)
             return variant, kind, unit_id
         variant, kind = assigner.choose(None)
         return variant, kind, None
 
-    def _override_allowed(self, request: web.BaseRequest) -> bool:
+    def _override_allowed(self, request: HttpRequest) -> bool:
         if not self.allow_override:
             return False
         if not self.trusted_override_sources:
@@ -251,63 +228,73 @@ class Proxy:
             return False
         return any(remote in network for network in self.trusted_override_sources)
 
-    @staticmethod
-    def _unit_id(request: web.BaseRequest, body: bytes, active: ActiveConfig) -> str | None:
+    def _unit_id(self, request: HttpRequest, active: ActiveConfig) -> str | None:
         kind, name = active.sticky_source
+        value: str | None
         if kind == "header":
-            value = request.headers.get(name)
+            lower = self._sticky_header_names.get(name)
+            if lower is None:
+                lower = self._sticky_header_names[name] = name.lower().encode("latin-1")
+            value = request.header(lower)
         elif kind == "cookie":
-            value = request.cookies.get(name)
+            value = cookie_value(request.header(b"cookie"), name)
         else:
+            body = request.body
             try:
                 document = json.loads(body) if body else None
             except (ValueError, UnicodeDecodeError):
                 document = None
-            value = document.get(name) if isinstance(document, dict) else None
-            if value is not None and not isinstance(value, (str, int)):
-                value = None
-            value = None if value is None else str(value)
+            found = document.get(name) if isinstance(document, dict) else None
+            value = str(found) if isinstance(found, (str, int)) else None
         return value[:256] if value else None
 
     async def _forward(
-        self, request: web.BaseRequest, body: bytes, request_id: str, variant: str, active: ActiveConfig
+        self, exchange: _Exchange, variant: str, endpoint: Endpoint, failure: UpstreamError | None
     ) -> tuple[Endpoint | None, UpstreamResponse | None, UpstreamError | None]:
-        """Try the variant's endpoints: one try, plus `retries` more on connect failures to other replicas."""
-        settings = active.experiment.upstream
+        """Try the variant's endpoints, starting with `endpoint`: one try, plus `retries` more on connect
+        failures to other replicas. `failure`: the first try already happened (on an idle connection) and failed."""
+        request = exchange.request
+        settings = exchange.active.experiment.upstream
         upstreams = self.registry.variants.get(variant)
-        endpoint = upstreams.pick() if upstreams is not None else None
-        if endpoint is None:
-            return None, None, None
-        headers = _forwarded_headers(request, request_id)
+        if exchange.headers is None:
+            exchange.headers = _forwarded_headers(request, exchange.request_id)
         method = request.method
         deadline = time.monotonic() + settings.total_timeout_s
         tried: list[Endpoint] = []
         error: UpstreamError | None = None
-        while endpoint is not None:
-            payload = serialize_request(method, request.raw_path, endpoint.pool.authority, headers, body)
-            timeout = min(settings.try_timeout_s, deadline - time.monotonic())
+        fresh = False
+        current: Endpoint | None = endpoint
+        while current is not None:
             try:
-                response = await endpoint.pool.request(payload, timeout, head=method == "HEAD")
+                if failure is not None:
+                    exc, failure = failure, None
+                    if not (isinstance(exc, UpstreamClosedError) and exc.retryable):
+                        raise exc
+                    fresh = True  # the idle connection had been closed by the upstream: once more on a new one
+                payload = serialize_request(method, request.target, current.pool.authority, exchange.headers, request.body)
+                timeout = min(settings.try_timeout_s, deadline - time.monotonic())
+                response = await current.pool.request(payload, timeout, head=method == "HEAD", fresh=fresh)
             except UpstreamError as exc:
+                fresh = False
                 error = exc
-                self.registry.record_failure(endpoint)
-                self.metrics.upstream_errors.labels(variant, endpoint.address, type(exc).__name__).inc()
-                tried.append(endpoint)
+                self._count_failure(variant, current, exc)
+                tried.append(current)
                 if not exc.retryable or len(tried) > settings.retries or time.monotonic() >= deadline:
-                    return endpoint, None, error
-                endpoint = upstreams.pick(exclude=tried) if upstreams is not None else None
+                    return current, None, error
+                current = upstreams.pick(exclude=tried) if upstreams is not None else None
                 continue
-            self.registry.record_success(endpoint)
-            return endpoint, response, None
+            self.registry.record_success(current)
+            return current, response, None
         return (tried[-1] if tried else None), None, error
 
-    async def feedback(self, request: web.BaseRequest) -> web.Response:
+    def _count_failure(self, variant: str, endpoint: Endpoint, error: UpstreamError) -> None:
+        self.registry.record_failure(endpoint)
+        self.metrics.upstream_errors.labels(variant, endpoint.address, type(error).__name__).inc()
+
+    async def feedback(self, request: HttpRequest) -> HttpResponse:
         """POST /feedback {"request_id": "...", "value": 1}: attach delayed ground truth."""
         try:
-            # Bytes, not request.json(): that decodes with the client's charset (unknown ones raise).
-            document = json.loads(await self._read_body(request))
-        except ClientInputError as exc:
-            return json_error(exc.status, str(exc))
+            document = json.loads(request.body)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
             return json_error(400, "body is not valid JSON")
         if not isinstance(document, dict):
@@ -334,7 +321,7 @@ class Proxy:
         if children is not None:
             children.feedback.inc()
             children.feedback_value.inc(number)
-        return web.json_response({"status": "recorded", "request_id": request_id, "variant": variant}, status=202)
+        return json_response(202, {"status": "recorded", "request_id": request_id, "variant": variant})
 
 
 def _finite_number(value: object) -> float | None:
@@ -348,7 +335,112 @@ def _finite_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _forwarded_headers(request: web.BaseRequest, request_id: str) -> bytes:
+class _Exchange:
+    """One proxied request in progress: what was decided about it, and how it gets answered."""
+
+    __slots__ = ("proxy", "request", "respond", "started", "arrived", "active", "request_id", "variant", "kind",
+                 "unit_id", "endpoint", "headers")
+
+    def __init__(self, proxy: Proxy, request: HttpRequest, respond: Callable[[HttpResponse], None]) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.respond = respond
+        self.started = time.perf_counter()
+        self.arrived = time.time()
+        active = proxy.runtime.active
+        assert active is not None
+        self.active = active  # one config snapshot for the whole request, even across a reload
+        request_id = request.header(b"x-request-id")
+        if request_id is None or REQUEST_ID_PATTERN.match(request_id) is None:
+            request_id = proxy._new_request_id()
+        self.request_id = request_id
+        self.variant = ""
+        self.kind = ""
+        self.unit_id: str | None = None
+        self.endpoint: Endpoint | None = None
+        self.headers: bytes | None = None  # the header lines sent upstream, built once
+
+    def on_upstream(self, response: UpstreamResponse | None, error: UpstreamError | None) -> None:
+        """The fast path's try came back (called by the upstream connection)."""
+        endpoint = self.endpoint
+        assert endpoint is not None
+        if response is None:
+            assert error is not None
+            _spawn(self.proxy._proxy(self, endpoint, error), self.respond)  # retry, fallback or error answer
+            return
+        try:
+            self.proxy.registry.record_success(endpoint)
+            answer = self.answer(response, None, self.variant)
+        except Exception:  # never leave the client without an answer
+            logger.exception("answering request %s failed", self.request_id)
+            answer = json_error(500, "internal error in the balancer")
+        self.respond(answer)
+
+    def answer(self, upstream_response: UpstreamResponse | None, error: UpstreamError | None, served_variant: str) -> HttpResponse:
+        """The client's answer, counted in the metrics and queued for the outcome log."""
+        proxy = self.proxy
+        request_id = self.request_id
+        if upstream_response is not None:
+            response = _answer(upstream_response, served_variant, request_id)
+        else:
+            tags = b"X-Variant: %s\r\nX-Request-ID: %s\r\n" % (served_variant.encode(), request_id.encode())
+            if isinstance(error, UpstreamTimeoutError):
+                response = json_error(504, f"variant {served_variant!r} did not answer in time: {error.reason}", tags,
+                                      variant=served_variant)
+            elif error is None or error.retryable:
+                response = json_error(503, f"variant {served_variant!r} is down: no upstream accepted a connection"
+                                      + (f" (last: {error.reason})" if error else ""), tags, variant=served_variant)
+            else:
+                response = json_error(502, f"variant {served_variant!r} failed: {error}", tags, variant=served_variant)
+        seconds = time.perf_counter() - self.started
+        active = self.active
+        if proxy.export_metrics:
+            active.variant_metrics[self.variant].observe(response.status, seconds)
+        if proxy.record_outcomes:
+            endpoint = self.endpoint
+            proxy.events.record_request((
+                request_id, self.arrived, active.experiment.name, active.version, self.variant,
+                endpoint.address if endpoint is not None else None, self.kind, self.unit_id,
+                response.status, seconds * 1000.0, None if error is None or upstream_response is not None else str(error),
+            ))
+        if proxy.log_request_data:
+            logger.info("%s %s %s -> %s %d %.1fms", request_id, self.request.method, self.request.target, self.variant,
+                        response.status, seconds * 1000)
+        return response
+
+
+def _spawn(work: Coroutine[Any, Any, HttpResponse], respond: Callable[[HttpResponse], None]) -> None:
+    """Run `work` as a task and answer with its result (a 500 if it raised)."""
+    def done(task: asyncio.Task[HttpResponse]) -> None:
+        try:
+            response = task.result()
+        except Exception:
+            logger.exception("answering a request failed")
+            response = json_error(500, "internal error in the balancer")
+        respond(response)
+
+    asyncio.get_running_loop().create_task(work).add_done_callback(done)
+
+
+def _is_feedback(request: HttpRequest) -> bool:
+    return request.method == "POST" and request.target.startswith("/feedback") and request.path == "/feedback"
+
+
+def cookie_value(header: str | None, name: str) -> str | None:
+    """The value of cookie `name` in a Cookie header (`a=1; b=2`), quotes removed; None if absent."""
+    if not header:
+        return None
+    for pair in header.split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
+    return None
+
+
+def _forwarded_headers(request: HttpRequest, request_id: str) -> bytes:
     """The header lines sent upstream: the client's minus hop-by-hop ones, plus X-Request-ID and X-Forwarded-*.
 
     Built once per request as bytes; `serialize_request` adds the request line, Host and framing.
@@ -357,7 +449,7 @@ def _forwarded_headers(request: web.BaseRequest, request_id: str) -> bytes:
     forwarded_for = b""
     host = b""
     lines: list[bytes] = []
-    for name, value in request.raw_headers:
+    for name, value in request.headers:
         lower = name.lower()
         if lower not in _NOT_FORWARDED:
             lines.append(b"%s: %s\r\n" % (name, value))
@@ -376,20 +468,21 @@ def _forwarded_headers(request: web.BaseRequest, request_id: str) -> bytes:
     return b"".join(lines)
 
 
-def _returned_headers(response: UpstreamResponse, variant: str, request_id: str) -> CIMultiDict[str]:
-    """The upstream's headers minus hop-by-hop and framing ones (the balancer re-frames the body),
-    plus X-Variant and X-Request-ID."""
-    pairs: list[tuple[str, str]] = []
-    connection_tokens: set[str] = set()
-    for name_bytes, value_bytes in response.headers:
-        name = name_bytes.decode("latin-1")
+def _answer(response: UpstreamResponse, variant: str, request_id: str) -> HttpResponse:
+    """The upstream's answer for the client: its headers minus hop-by-hop and framing ones (the server
+    re-frames the body), plus X-Variant and X-Request-ID."""
+    lines: list[bytes] = []
+    connection_tokens: frozenset[bytes] = frozenset()
+    head_length: int | None = None
+    for name, value in response.headers:
         lower = name.lower()
-        if lower == "connection":
-            connection_tokens.update(token.strip().lower() for token in value_bytes.decode("latin-1").split(","))
-        elif lower not in _NOT_RETURNED:
-            pairs.append((name, value_bytes.decode("latin-1")))
+        if lower not in _NOT_RETURNED:
+            lines.append(b"%s: %s\r\n" % (name, value))
+        elif lower == b"connection":
+            connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
+        elif lower == b"content-length" and value.isdigit():
+            head_length = int(value)  # what a HEAD answer announces
     if connection_tokens:
-        pairs = [(name, value) for name, value in pairs if name.lower() not in connection_tokens]
-    pairs.append(("X-Variant", variant))
-    pairs.append(("X-Request-ID", request_id))
-    return CIMultiDict(pairs)
+        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
+    lines.append(b"X-Variant: %s\r\nX-Request-ID: %s\r\n" % (variant.encode(), request_id.encode()))
+    return HttpResponse(response.status, b"".join(lines), response.body, head_length)

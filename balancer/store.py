@@ -82,7 +82,7 @@ REQUEST_COLUMNS: Final = (
 )
 
 
-def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:
+def connect(path: str | Path, *, read_only: bool = False, cached_statements: int = 128) -> sqlite3.Connection:
     """Open the store, creating the schema when writable; WAL so readers never block the writer."""
     path = Path(path)
     if read_only:
@@ -92,7 +92,7 @@ def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:
         connection.execute("PRAGMA busy_timeout = 5000")
         return connection
     path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, cached_statements=cached_statements)
     connection.execute("PRAGMA busy_timeout = 5000")
     connection.execute("PRAGMA journal_mode = WAL")
     # NORMAL in WAL mode: a committed batch survives a process crash (kill -9);

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -58,11 +59,15 @@ class UpstreamResponse:
     body: bytes
 
 
+ResponseCallback = Callable[[UpstreamResponse | None, UpstreamError | None], None]
+"""Called exactly once per request, from the connection's own callbacks: (response, None) or (None, error)."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one request at a time."""
 
     __slots__ = (
-        "transport", "parser", "waiter", "headers", "body", "closed", "keep_alive",
+        "transport", "parser", "on_done", "headers", "body", "closed", "keep_alive",
         "received_any", "address", "deadline", "timeout", "response_headers", "head", "pool",
     )
 
@@ -71,7 +76,7 @@ class _Connection(asyncio.Protocol):
         self.address = pool.address
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.on_done: ResponseCallback | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.closed = False
@@ -98,11 +103,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self.waiter is not None and not self.waiter.done():
+        if self.on_done is not None:
             error = UpstreamClosedError(self.address, "connection closed before the response completed")
             # A reused connection the server closed while idle: nothing was processed.
             error.retryable = not self.received_any
-            self.waiter.set_exception(error)
+            self._complete(None, error)
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -117,9 +122,9 @@ class _Connection(asyncio.Protocol):
             # A HEAD response has no body whatever its Content-Length says, but the parser cannot be
             # told so: answer now and retire the connection rather than wait for bytes that never come.
             self.keep_alive = False
-            if self.waiter is not None and not self.waiter.done():
+            if self.on_done is not None:
                 self.pool.release(self)
-                self.waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.response_headers, b""))
+                self._complete(UpstreamResponse(self.parser.get_status_code(), self.response_headers, b""), None)
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -131,17 +136,22 @@ class _Connection(asyncio.Protocol):
             self.body = []
             return
         self.keep_alive = self.parser.should_keep_alive()
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
+        if self.on_done is not None:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             self.pool.release(self)
-            waiter.set_result(UpstreamResponse(status, self.response_headers, body))
+            self._complete(UpstreamResponse(status, self.response_headers, body), None)
+
+    def _complete(self, response: UpstreamResponse | None, error: UpstreamError | None) -> None:
+        # Cleared before the call: the callback may send the next request on this very connection.
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(response, error)
 
     # client side
-    def send(self, payload: bytes, deadline: float, timeout: float, head: bool) -> asyncio.Future[UpstreamResponse]:
-        """Write one request (`head`: it is a HEAD request); the future resolves with its response."""
+    def send(self, payload: bytes, deadline: float, timeout: float, head: bool, on_done: ResponseCallback) -> None:
+        """Write one request (`head`: it is a HEAD request); `on_done` gets its response or error."""
         self.head = head
-        self.waiter = waiter = asyncio.get_running_loop().create_future()
+        self.on_done = on_done
         self.headers = []
         self.body = []
         self.received_any = False
@@ -149,16 +159,14 @@ class _Connection(asyncio.Protocol):
         self.timeout = timeout
         assert self.transport is not None
         self.transport.write(payload)
-        return waiter
 
     def on_deadline(self) -> None:
         """Called by the pool's sweep when the request outlived its deadline."""
         self._fail(UpstreamTimeoutError(self.address, f"no complete response within {self.timeout:g}s"))
 
     def _fail(self, error: UpstreamError) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(error)
         self.close()
+        self._complete(None, error)
 
     def close(self) -> None:
         """Close the socket; a pending request fails."""
@@ -182,20 +190,22 @@ class ConnectionPool:
         self._busy: set[_Connection] = set()
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def request(self, payload: bytes, timeout: float, *, head: bool = False) -> UpstreamResponse:
+    async def request(self, payload: bytes, timeout: float, *, head: bool = False, fresh: bool = False) -> UpstreamResponse:
         """Send one serialized request and return the complete response.
 
         A reused connection that turns out to have been closed by the upstream while
-        idle is retried once on a fresh connection: no byte was processed.
+        idle is retried once on a fresh connection: no byte was processed. `fresh`: that
+        retry itself (the caller already found its idle connection closed), on a new connection.
         """
-        connection = self._take_idle()
+        connection = None if fresh else self.take_idle()
         if connection is None:
             connection = await self._connect()
         try:
             return await self._exchange(connection, payload, timeout, head)
         except UpstreamClosedError as exc:
-            if not exc.retryable:
+            if not exc.retryable or fresh:
                 raise
         except asyncio.CancelledError:  # the caller gave up mid-exchange: the connection is unusable
             connection.close()
@@ -208,12 +218,33 @@ class ConnectionPool:
             raise
 
     def _exchange(self, connection: _Connection, payload: bytes, timeout: float, head: bool) -> asyncio.Future[UpstreamResponse]:
-        loop = asyncio.get_running_loop()
-        waiter = connection.send(payload, loop.time() + timeout, timeout, head)
+        waiter: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+
+        def resolve(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
+            if waiter.done():
+                return
+            if response is not None:
+                waiter.set_result(response)
+            else:
+                waiter.set_exception(error or UpstreamClosedError(self.address, "no response"))
+
+        self.send(connection, payload, timeout, head, resolve)
+        return waiter
+
+    def send(self, connection: _Connection, payload: bytes, timeout: float, head: bool, on_done: ResponseCallback) -> None:
+        """Send one request on `connection` (from `take_idle`); `on_done` is called with its response or error.
+
+        The callback form of `request`, for callers that can continue without a task; it does
+        not retry on a fresh connection (the caller sees the retryable UpstreamClosedError).
+        """
+        loop = self._loop
+        if loop is None:
+            # Kept: on Python 3.11 every get_running_loop() costs a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
+        connection.send(payload, loop.time() + timeout, timeout, head, on_done)
         self._busy.add(connection)
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
-        return waiter
 
     def release(self, connection: _Connection) -> None:
         """A connection finished its exchange: keep it for reuse if it may be reused."""
@@ -236,7 +267,8 @@ class ConnectionPool:
             asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep) if self._busy and not self._closed else None
         )
 
-    def _take_idle(self) -> _Connection | None:
+    def take_idle(self) -> _Connection | None:
+        """An idle keep-alive connection, or None (then `request` connects)."""
         idle = self._idle
         while idle:
             connection = idle.pop()

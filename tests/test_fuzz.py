@@ -18,14 +18,16 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import RawTestServer, TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from balancer.assignment import BUCKETS, Assigner, bucket_counts
 from balancer.config import ConfigError, parse_experiment
 from balancer.events import EventLog
+from balancer.http_server import HttpServer
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import Proxy
 from balancer.runtime import Runtime
@@ -171,7 +173,8 @@ class InProcess:
     events: EventLog
     runtime: Runtime
     registry: UpstreamRegistry
-    client: TestClient
+    server: HttpServer
+    client: aiohttp.ClientSession
     upstream: TestServer
 
     def run(self, awaitable: Any) -> Any:
@@ -202,15 +205,17 @@ def in_process(tmp_path: Path) -> Iterator[InProcess]:
         runtime = Runtime(config, events, metrics, registry)
         await runtime.start(loaded)
         proxy = Proxy(runtime, registry, events, metrics)
-        client = TestClient(RawTestServer(proxy.handle, host="127.0.0.1"))
-        await client.start_server()
-        return InProcess(loop, config, events, runtime, registry, client, upstream)
+        server = HttpServer(proxy, max_body_bytes=1 << 20, body_timeout_s=5.0, keepalive_timeout_s=5.0)
+        port = await server.start("127.0.0.1", 0)
+        client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
+        return InProcess(loop, config, events, runtime, registry, server, client, upstream)
 
     balancer = loop.run_until_complete(start())
     try:
         yield balancer
     finally:
         loop.run_until_complete(balancer.client.close())
+        loop.run_until_complete(balancer.server.stop())
         loop.run_until_complete(balancer.registry.close())
         loop.run_until_complete(upstream.close())
         balancer.events.close()

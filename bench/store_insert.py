@@ -1,0 +1,81 @@
+"""CPU per stored request record, for three ways of inserting a batch into the outcome store.
+
+    python -m bench.store_insert [--rows 60000] [--batch 1200]
+
+The outcome log's writer thread uses the first (`balancer.events`); the other two are what
+it replaced. Each method writes the same synthetic rows into a fresh store, in batches of one
+transaction each, as the writer does; the figure is process CPU seconds per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from balancer import events, store
+
+Row = tuple[Any, ...]
+_COLUMNS = ", ".join(store.REQUEST_COLUMNS)
+_PLACEHOLDERS = "(" + ", ".join("?" * len(store.REQUEST_COLUMNS)) + ")"
+_JSON_EACH = "INSERT OR IGNORE INTO requests ({}) SELECT {} FROM json_each(?)".format(
+    _COLUMNS, ", ".join(f"json_extract(value, '$[{index}]')" for index in range(len(store.REQUEST_COLUMNS))),
+)
+_ONE_ROW = f"INSERT OR IGNORE INTO requests ({_COLUMNS}) VALUES {_PLACEHOLDERS}"
+
+METHODS: dict[str, Callable[[sqlite3.Connection, list[Row]], None]] = {
+    "multi-row VALUES, one statement per batch (used)": events.insert_requests,
+    "one JSON parameter + json_each": lambda connection, rows: connection.execute(_JSON_EACH, (json.dumps(rows),)) and None,
+    "executemany": lambda connection, rows: connection.executemany(_ONE_ROW, rows) and None,
+}
+
+
+def synthetic_rows(count: int) -> list[Row]:
+    """Rows shaped like the balancer's: sortable ids, two variants, a sticky unit, a latency."""
+    now = time.time()
+    return [
+        (f"0123456789{index:010x}{index * 7919 % (1 << 48):012x}", now + index / 1000, "bench", 1,
+         "model_a" if index % 2 else "model_b", "127.0.0.1:9101", "sticky", f"user-{index % 1000}", 200, 1.25, None)
+        for index in range(count)
+    ]
+
+
+def measure(method: Callable[[sqlite3.Connection, list[Row]], None], rows: list[Row], batch: int) -> float:
+    """CPU microseconds per row, writing `rows` into a fresh store `batch` rows per transaction."""
+    with tempfile.TemporaryDirectory() as directory:
+        connection = store.connect(Path(directory) / "outcomes.db")
+        started = time.process_time()
+        for start in range(0, len(rows), batch):
+            connection.execute("BEGIN IMMEDIATE")
+            method(connection, rows[start:start + batch])
+            connection.execute("COMMIT")
+        seconds = time.process_time() - started
+        stored = connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+        connection.close()
+    if stored != len(rows):
+        raise AssertionError(f"stored {stored} of {len(rows)} rows")
+    return seconds / len(rows) * 1e6
+
+
+def run(rows: int = 60_000, batch: int = 1_200, repeats: int = 2) -> dict[str, float]:
+    """Best of `repeats` per method, in µs of CPU per row."""
+    data = synthetic_rows(rows)
+    return {name: min(measure(method, data, batch) for _ in range(repeats)) for name, method in METHODS.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=60_000)
+    parser.add_argument("--batch", type=int, default=1_200, help="rows per transaction (a flush)")
+    args = parser.parse_args()
+    for name, micros in run(args.rows, args.batch).items():
+        print(f"{micros:6.1f} µs/row  {name}")
+
+
+if __name__ == "__main__":
+    main()
