@@ -395,12 +395,12 @@ class _Exchange:
         seconds = time.perf_counter() - self.started
         active = self.active
         if proxy.export_metrics:
-            active.variant_metrics[self.variant].observe(response.status, seconds)
+            active.variant_metrics[self.variant].stats.observe(response.status, seconds)
         if proxy.record_outcomes:
             endpoint = self.endpoint
             proxy.events.record_request((
                 request_id, self.arrived, active.experiment.name, active.version, self.variant,
-                endpoint.address if endpoint is not None else None, self.kind, self.unit_id,
+                endpoint.pool.address if endpoint is not None else None, self.kind, self.unit_id,
                 response.status, seconds * 1000.0, None if error is None or upstream_response is not None else str(error),
             ))
         if proxy.log_request_data:

@@ -84,6 +84,8 @@ class VariantUpstreams:
         count = len(endpoints)
         if count == 0:
             return None
+        if count == 1 and endpoints[0].healthy and not endpoints[0].ejected_until and not exclude:
+            return endpoints[0]  # the common single-replica case: no clock read, no rotation
         now = time.monotonic()
         for offset in range(count):
             endpoint = endpoints[(self._next + offset) % count]
@@ -282,7 +284,7 @@ async def resolve(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):  # UnicodeError: not a valid host name at all, e.g. "127..0.1"
         return []
     ipv4 = sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET})
     return ipv4 or sorted({str(info[4][0]) for info in infos})

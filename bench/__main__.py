@@ -139,7 +139,7 @@ def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
                       stack.nginx_proxy(kind, upstreams, backend_pids)]
         saturation_targets += main_three + balancers[1:]
         if kind == "noop":
-            saturation_targets.append(stack.floor(kind, upstreams, backend_pids))
+            saturation_targets += [stack.floor(kind, upstreams, backend_pids, server) for server in ("balancer", "aiohttp")]
         latency_targets += main_three
     stack.ready()
     for target in saturation_targets:

@@ -46,7 +46,9 @@ class BalancerOptions:
 KINDS = ("noop", "model")
 FEATURE_BASELINE = "outcomes and metrics off"
 # every balancer configuration measured on the no-op backends; the first is the production default
-FLOOR_LABEL = "aiohttp floor: server + upstream client only"
+FLOOR_LABEL = "floor: the balancer's server + upstream client only"
+AIOHTTP_FLOOR_LABEL = "aiohttp floor: aiohttp's server + upstream client only"
+FLOOR_LABELS = {"balancer": FLOOR_LABEL, "aiohttp": AIOHTTP_FLOOR_LABEL}
 FEATURE_CONFIGURATIONS = (
     BalancerOptions("default"),
     BalancerOptions("outcomes off", record_outcomes=False),
@@ -139,13 +141,13 @@ class Stack:
                       kind=kind, hop="balancer", url=f"http://{HOST}:{port}{PREDICT_PATH}",
                       proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
 
-    def floor(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...]) -> Target:
-        """Start `bench/floor_proxy.py`: aiohttp's server + the balancer's upstream client, no features."""
+    def floor(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...], server: str) -> Target:
+        """Start `bench/floor_proxy.py`: `server` ("balancer" or "aiohttp") + the balancer's upstream client, no features."""
         port = free_port()
-        command = [sys.executable, "-m", "bench.floor_proxy", "--port", str(port),
+        command = [sys.executable, "-m", "bench.floor_proxy", "--server", server, "--port", str(port),
                    *(f"--upstream={name}={upstreams[name]}" for name in VARIANTS)]
-        process = self._spawn(f"{kind}-floor", command, f"http://{HOST}:{port}/healthz")
-        return Target(name=f"{kind} balancer ({FLOOR_LABEL})", kind=kind, hop="balancer",
+        process = self._spawn(f"{kind}-floor-{server}", command, f"http://{HOST}:{port}/healthz")
+        return Target(name=f"{kind} balancer ({FLOOR_LABELS[server]})", kind=kind, hop="balancer",
                       url=f"http://{HOST}:{port}{PREDICT_PATH}", proxy_pid=process.pid,
                       backend_pids=backend_pids, command=tuple(command))
 

@@ -28,10 +28,18 @@ _JSON_EACH = "INSERT OR IGNORE INTO requests ({}) SELECT {} FROM json_each(?)".f
 )
 _ONE_ROW = f"INSERT OR IGNORE INTO requests ({_COLUMNS}) VALUES {_PLACEHOLDERS}"
 
+def _json_each(connection: sqlite3.Connection, rows: list[Row]) -> None:
+    connection.execute(_JSON_EACH, (json.dumps(rows),))
+
+
+def _executemany(connection: sqlite3.Connection, rows: list[Row]) -> None:
+    connection.executemany(_ONE_ROW, rows)
+
+
 METHODS: dict[str, Callable[[sqlite3.Connection, list[Row]], None]] = {
     "multi-row VALUES, one statement per batch (used)": events.insert_requests,
-    "one JSON parameter + json_each": lambda connection, rows: connection.execute(_JSON_EACH, (json.dumps(rows),)) and None,
-    "executemany": lambda connection, rows: connection.executemany(_ONE_ROW, rows) and None,
+    "one JSON parameter + json_each (before)": _json_each,
+    "executemany": _executemany,
 }
 
 

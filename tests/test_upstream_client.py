@@ -9,7 +9,10 @@ import pytest
 
 from balancer.upstream_client import (
     ConnectionPool,
+    UpstreamClosedError,
     UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
     UpstreamTimeoutError,
     serialize_request,
 )
@@ -106,7 +109,41 @@ async def test_timeout_and_refused_connection(server) -> None:  # type: ignore[n
     never.cancel()
 
 
-def test_serialized_request_sets_host_and_length() -> None:
+async def test_callback_send_on_an_idle_connection_reports_each_outcome_once(server) -> None:  # type: ignore[no-untyped-def]
+    answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb",
+                    None, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nc", b""])
+    port, connections = await server(lambda head: next(answers))
+    pool = ConnectionPool("127.0.0.1", port)
+    assert pool.take_idle() is None  # nothing to reuse yet: the caller must connect (`request`)
+    assert (await pool.request(request(pool), 1.0)).body == b"a"
+    outcomes: list[tuple[UpstreamResponse | None, UpstreamError | None]] = []
+
+    async def send_on_idle(timeout: float) -> tuple[UpstreamResponse | None, UpstreamError | None]:
+        connection = pool.take_idle()
+        assert connection is not None
+        done = asyncio.get_running_loop().create_future()
+
+        def on_done(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
+            outcomes.append((response, error))
+            done.set_result((response, error))
+
+        pool.send(connection, request(pool), timeout, False, on_done)
+        return await done  # type: ignore[no-any-return]
+
+    response, error = await send_on_idle(1.0)
+    assert response is not None and response.body == b"b" and error is None
+    response, error = await send_on_idle(1.0)  # the upstream closes instead of answering
+    assert response is None and isinstance(error, UpstreamClosedError) and error.retryable
+    # the caller's one retry, on a new connection even though none is idle-checked first
+    assert (await pool.request(request(pool), 1.0, fresh=True)).body == b"c"
+    response, error = await send_on_idle(0.2)  # never answered: the pool's sweep times it out
+    assert response is None and isinstance(error, UpstreamTimeoutError)
+    await asyncio.sleep(0.2)  # nothing reports twice
+    assert len(outcomes) == 3 and connections[0] == 2
+    pool.close()
+
+
+
     payload = serialize_request("POST", "/p?q=1", "model_a:8001", b"X-A: 1\r\n", b"abc")
     assert payload == b"POST /p?q=1 HTTP/1.1\r\nHost: model_a:8001\r\nX-A: 1\r\nContent-Length: 3\r\n\r\nabc"
     assert b"Content-Length" not in serialize_request("GET", "/", "h", b"", b"")

@@ -126,3 +126,25 @@ async def test_scaled_replicas_join_after_a_passing_health_check(dns: dict[str, 
         assert registry.variants["a"].endpoints == [new]
         await registry.close()
     await server.close()
+
+
+async def test_a_single_replica_is_picked_while_in_rotation_and_trialled_once_after_ejection(dns: dict[str, list[str]]) -> None:
+    registry = UpstreamRegistry(experiment().upstream)
+    await registry.configure(experiment())
+    only = registry.variants["b"]
+    endpoint = only.endpoints[0]
+    assert [only.pick() for _ in range(3)] == [endpoint] * 3
+    registry.record_failure(endpoint)
+    registry.record_failure(endpoint)
+    assert only.pick() is None and only.pick(exclude=[endpoint]) is None
+    await asyncio.sleep(0.25)
+    assert only.pick() is endpoint and only.pick() is None  # half-open: one trial at a time
+    registry.record_success(endpoint)
+    assert only.pick() is endpoint
+    endpoint.healthy = False  # failed its active health check
+    assert only.pick() is None
+    await registry.close()
+
+
+async def test_a_host_name_that_cannot_be_encoded_does_not_resolve() -> None:
+    assert await upstreams_module.resolve("127..0.1", 8001) == []  # getaddrinfo raises UnicodeError for it
