@@ -93,6 +93,11 @@ def json_response(status: int, document: dict[str, Any], extra_headers: bytes = 
                         % (http_date(), extra_headers), json.dumps(document).encode())
 
 
+def json_error(status: int, message: str, extra_headers: bytes = b"", **extra: Any) -> HttpResponse:
+    """The one way the public port reports an error to a client: JSON naming what is wrong."""
+    return json_response(status, {"error": message, **extra}, extra_headers)
+
+
 _date_cache: tuple[int, bytes] = (0, b"")
 
 

@@ -14,15 +14,15 @@ import ipaddress
 import itertools
 import json
 import logging
-import math
 import os
-import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from balancer.events import EventLog
-from balancer.http_server import HttpRequest, HttpResponse, json_response
+from balancer.feedback import REQUEST_ID_PATTERN, record_feedback
+from balancer.hop_headers import cookie_value, forwarded_headers, returned_answer
+from balancer.http_server import HttpRequest, HttpResponse, json_error
 from balancer.metrics import BalancerMetrics
 from balancer.runtime import ActiveConfig, Runtime
 from balancer.upstream_client import (
@@ -36,25 +36,8 @@ from balancer.upstreams import Endpoint, UpstreamRegistry
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")  # \Z: `$` would let a trailing newline in
 OVERRIDE_HEADER = "X-Variant"
-# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself.
-_NOT_FORWARDED = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
-    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
-    b"x-variant", b"x-request-id", b"x-forwarded-for",
-    b"expect",  # the body is already complete: upstream it could only provoke a 100 Continue
-})
-_NOT_RETURNED = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"te", b"trailer", b"trailers",
-    b"transfer-encoding", b"upgrade", b"content-length", b"x-variant", b"x-request-id",
-})
 _OVERLOAD_HEADERS = b"Retry-After: 1\r\n"
-
-
-def json_error(status: int, message: str, extra_headers: bytes = b"", **extra: Any) -> HttpResponse:
-    """The one way the public port reports an error to a client: JSON naming what is wrong."""
-    return json_response(status, {"error": message, **extra}, extra_headers)
 
 
 class ClientInputError(Exception):
@@ -129,7 +112,7 @@ class Proxy:
         needs waiting (a new connection, a retry, a fallback, feedback's store lookup) runs as a task.
         """
         if not request.counted:  # admitted without a slot: feedback
-            _spawn(self.feedback(request), respond)
+            _spawn(record_feedback(request, self.events, self.runtime), respond)
             return
         exchange = _Exchange(self, request, respond)
         try:
@@ -145,7 +128,7 @@ class Proxy:
             _spawn(self._proxy(exchange, endpoint), respond)
             return
         exchange.endpoint = endpoint
-        exchange.headers = headers = _forwarded_headers(request, exchange.request_id)
+        exchange.headers = headers = forwarded_headers(request, exchange.request_id)
         timeout = exchange.active.experiment.upstream.try_timeout_s
         payload = serialize_request(request.method, request.target, endpoint.pool.authority, headers, request.body)
         endpoint.pool.send(connection, payload, timeout, request.method == "HEAD", exchange.on_upstream)
@@ -257,7 +240,7 @@ class Proxy:
         settings = exchange.active.experiment.upstream
         upstreams = self.registry.variants.get(variant)
         if exchange.headers is None:
-            exchange.headers = _forwarded_headers(request, exchange.request_id)
+            exchange.headers = forwarded_headers(request, exchange.request_id)
         method = request.method
         deadline = time.monotonic() + settings.total_timeout_s
         tried: list[Endpoint] = []
@@ -290,50 +273,6 @@ class Proxy:
     def _count_failure(self, variant: str, endpoint: Endpoint, error: UpstreamError) -> None:
         self.registry.record_failure(endpoint)
         self.metrics.upstream_errors.labels(variant, endpoint.address, type(error).__name__).inc()
-
-    async def feedback(self, request: HttpRequest) -> HttpResponse:
-        """POST /feedback {"request_id": "...", "value": 1}: attach delayed ground truth."""
-        try:
-            document = json.loads(request.body)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
-            return json_error(400, "body is not valid JSON")
-        if not isinstance(document, dict):
-            return json_error(400, "body must be a JSON object with 'request_id' and 'value'")
-        request_id = document.get("request_id")
-        value = document.get("value")
-        if not isinstance(request_id, str) or REQUEST_ID_PATTERN.match(request_id) is None:
-            return json_error(400, f"field 'request_id' must be a request id string, got {request_id!r}"[:300])
-        number = _finite_number(value)
-        if number is None:
-            return json_error(400, f"field 'value' must be a finite number, got {value!r}"[:300])
-        unknown = sorted(set(document) - {"request_id", "value"})
-        if unknown:
-            return json_error(400, f"unknown field(s) {unknown}; expected 'request_id' and 'value'")
-        variant = self.events.recent_variant(request_id)
-        if variant is None:
-            variant = await asyncio.to_thread(self.events.variant_of, request_id)
-        if variant is None:
-            return json_error(404, f"request_id {request_id!r} is unknown")
-        self.events.record_feedback(request_id, number)
-        active = self.runtime.active
-        assert active is not None
-        children = active.variant_metrics.get(variant)
-        if children is not None:
-            children.feedback.inc()
-            children.feedback_value.inc(number)
-        return json_response(202, {"status": "recorded", "request_id": request_id, "variant": variant})
-
-
-def _finite_number(value: object) -> float | None:
-    """A JSON number (true/false count as 1/0) as a finite float, else None."""
-    if not isinstance(value, (int, float)):  # bool is an int
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond the float range, e.g. 10**400
-        return None
-    return number if math.isfinite(number) else None
-
 
 class _Exchange:
     """One proxied request in progress: what was decided about it, and how it gets answered."""
@@ -381,7 +320,7 @@ class _Exchange:
         proxy = self.proxy
         request_id = self.request_id
         if upstream_response is not None:
-            response = _answer(upstream_response, served_variant, request_id)
+            response = returned_answer(upstream_response, served_variant, request_id)
         else:
             tags = b"X-Variant: %s\r\nX-Request-ID: %s\r\n" % (served_variant.encode(), request_id.encode())
             if isinstance(error, UpstreamTimeoutError):
@@ -424,65 +363,3 @@ def _spawn(work: Coroutine[Any, Any, HttpResponse], respond: Callable[[HttpRespo
 
 def _is_feedback(request: HttpRequest) -> bool:
     return request.method == "POST" and request.target.startswith("/feedback") and request.path == "/feedback"
-
-
-def cookie_value(header: str | None, name: str) -> str | None:
-    """The value of cookie `name` in a Cookie header (`a=1; b=2`), quotes removed; None if absent."""
-    if not header:
-        return None
-    for pair in header.split(";"):
-        key, sep, value = pair.partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            return value
-    return None
-
-
-def _forwarded_headers(request: HttpRequest, request_id: str) -> bytes:
-    """The header lines sent upstream: the client's minus hop-by-hop ones, plus X-Request-ID and X-Forwarded-*.
-
-    Built once per request as bytes; `serialize_request` adds the request line, Host and framing.
-    """
-    connection_tokens: frozenset[bytes] = frozenset()
-    forwarded_for = b""
-    host = b""
-    lines: list[bytes] = []
-    for name, value in request.headers:
-        lower = name.lower()
-        if lower not in _NOT_FORWARDED:
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif lower == b"host":
-            host = value
-        elif lower == b"connection":
-            connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
-        elif lower == b"x-forwarded-for":
-            forwarded_for += value + b", "
-    if connection_tokens:  # headers the client named as hop-by-hop in Connection (rare)
-        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
-    lines.append(
-        b"X-Request-ID: %s\r\nX-Forwarded-For: %s%s\r\nX-Forwarded-Host: %s\r\nX-Forwarded-Proto: http\r\n"
-        % (request_id.encode(), forwarded_for, (request.remote or "unknown").encode(), host)
-    )
-    return b"".join(lines)
-
-
-def _answer(response: UpstreamResponse, variant: str, request_id: str) -> HttpResponse:
-    """The upstream's answer for the client: its headers minus hop-by-hop and framing ones (the server
-    re-frames the body), plus X-Variant and X-Request-ID."""
-    lines: list[bytes] = []
-    connection_tokens: frozenset[bytes] = frozenset()
-    head_length: int | None = None
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower not in _NOT_RETURNED:
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif lower == b"connection":
-            connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
-        elif lower == b"content-length" and value.isdigit():
-            head_length = int(value)  # what a HEAD answer announces
-    if connection_tokens:
-        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
-    lines.append(b"X-Variant: %s\r\nX-Request-ID: %s\r\n" % (variant.encode(), request_id.encode()))
-    return HttpResponse(response.status, b"".join(lines), response.body, head_length)
