@@ -36,3 +36,12 @@ def test_event_log_writes_batches_and_counts_reused_request_ids(tmp_path: Path) 
         assert connection.execute("SELECT status FROM requests WHERE request_id = ?", (rows[0][0],)).fetchone() == (200,)
         assert connection.execute("SELECT value FROM feedback").fetchall() == [(1.0,)]
     assert log.written_requests == 1501 and log.duplicate_requests == 1 and log.written_feedback == 1
+
+
+def test_a_batch_the_store_refuses_is_kept_and_the_error_shown(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)  # flushes only when the test says so
+    log.record_request(synthetic_rows(1)[0][:10])  # one column short: SQLite refuses the statement
+    log.flush()
+    assert log.last_error is not None and "bindings" in log.last_error and log.pending == 1
+    log._requests.clear()  # this bad row would be retried forever (see the note on poison rows)
+    log.close()
