@@ -126,7 +126,7 @@ class RequestHandler(Protocol):
         """The server itself refused a request (reason: bad_request, body_too_large, body_timeout)."""
 
 
-class _Connection(asyncio.Protocol):
+class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, runs them in order, writes the answers."""
 
     def __init__(self, server: HttpServer) -> None:
@@ -389,7 +389,7 @@ class HttpServer:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.keepalive_timeout_s = keepalive_timeout_s
-        self.connections: set[_Connection] = set()
+        self.connections: set[ClientConnection] = set()
         self.closing = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -397,7 +397,7 @@ class HttpServer:
 
     async def start(self, host: str, port: int, *, backlog: int = 1024) -> int:
         """Start listening; the bound port (useful with port 0)."""
-        self._server = await self.loop.create_server(lambda: _Connection(self), host, port, backlog=backlog)
+        self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=backlog)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         return int(self._server.sockets[0].getsockname()[1])
 

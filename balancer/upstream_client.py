@@ -63,7 +63,7 @@ ResponseCallback = Callable[[UpstreamResponse | None, UpstreamError | None], Non
 """Called exactly once per request, from the connection's own callbacks: (response, None) or (None, error)."""
 
 
-class _Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; carries one request at a time."""
 
     __slots__ = (
@@ -186,8 +186,8 @@ class ConnectionPool:
         self.authority = (f"[{host}]" if ":" in host else host) + ("" if port == 80 else f":{port}")
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
-        self._idle: deque[_Connection] = deque()
-        self._busy: set[_Connection] = set()
+        self._idle: deque[UpstreamConnection] = deque()
+        self._busy: set[UpstreamConnection] = set()
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -217,7 +217,7 @@ class ConnectionPool:
             connection.close()
             raise
 
-    def _exchange(self, connection: _Connection, payload: bytes, timeout: float, head: bool) -> asyncio.Future[UpstreamResponse]:
+    def _exchange(self, connection: UpstreamConnection, payload: bytes, timeout: float, head: bool) -> asyncio.Future[UpstreamResponse]:
         waiter: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
 
         def resolve(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
@@ -231,7 +231,7 @@ class ConnectionPool:
         self.send(connection, payload, timeout, head, resolve)
         return waiter
 
-    def send(self, connection: _Connection, payload: bytes, timeout: float, head: bool, on_done: ResponseCallback) -> None:
+    def send(self, connection: UpstreamConnection, payload: bytes, timeout: float, head: bool, on_done: ResponseCallback) -> None:
         """Send one request on `connection` (from `take_idle`); `on_done` is called with its response or error.
 
         The callback form of `request`, for callers that can continue without a task; it does
@@ -246,7 +246,7 @@ class ConnectionPool:
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
-    def release(self, connection: _Connection) -> None:
+    def release(self, connection: UpstreamConnection) -> None:
         """A connection finished its exchange: keep it for reuse if it may be reused."""
         self._busy.discard(connection)
         if connection.keep_alive and not connection.closed and not self._closed and len(self._idle) < self.max_idle:
@@ -254,7 +254,7 @@ class ConnectionPool:
         else:
             connection.close()
 
-    def forget(self, connection: _Connection) -> None:
+    def forget(self, connection: UpstreamConnection) -> None:
         """A connection closed: it is neither busy nor idle any more (idle ones are skipped when taken)."""
         self._busy.discard(connection)
 
@@ -267,7 +267,7 @@ class ConnectionPool:
             asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep) if self._busy and not self._closed else None
         )
 
-    def take_idle(self) -> _Connection | None:
+    def take_idle(self) -> UpstreamConnection | None:
         """An idle keep-alive connection, or None (then `request` connects)."""
         idle = self._idle
         while idle:
@@ -276,12 +276,12 @@ class ConnectionPool:
                 return connection
         return None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port
+                    lambda: UpstreamConnection(self), self.host, self.port
                 )
         except TimeoutError as exc:
             raise UpstreamConnectError(self.address, f"connect timed out after {self.connect_timeout:g}s") from exc

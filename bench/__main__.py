@@ -20,11 +20,29 @@ from typing import NoReturn
 from rich.console import Console
 
 from bench.errors import BenchError
+from bench.instructions import KINDS as INSTRUCTION_KINDS
+from bench.instructions import measure as count_instructions
 from bench.nginx import nginx_command
 from bench.profile import record_profile
 from bench.report import BenchResults, evaluate_targets, render_report
-from bench.runs import FULL, QUICK, Settings, interleaved, measure_fixed_rate, measure_saturation, median, openloop_command
-from bench.stack import FEATURE_CONFIGURATIONS, FLOOR_LABEL, KINDS, Stack, Target, check_split
+from bench.runs import (
+    FULL,
+    QUICK,
+    Settings,
+    interleaved,
+    measure_fixed_rate,
+    measure_saturation,
+    median,
+    openloop_command,
+)
+from bench.stack import (
+    FEATURE_CONFIGURATIONS,
+    FLOOR_LABEL,
+    KINDS,
+    Stack,
+    Target,
+    check_split,
+)
 from bench.tools import describe_code, describe_machine, ensure_tools, load_average
 from bench.wrk import wrk_command
 from tests.processes import REPO, artifacts_dir
@@ -110,6 +128,12 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
         elif not succeeded:
             logger.info("work folder kept for its logs: %s", workdir)
     results.report_requests, results.report_seconds = _time_report(quick)
+    logger.info("counting instructions per request with valgrind (bench/instructions.py)")
+    try:
+        results.instructions = count_instructions(list(INSTRUCTION_KINDS))
+    except BenchError as exc:
+        results.instructions_error = str(exc)
+        logger.warning("instruction counts failed: %s", exc)
     results.seconds = time.monotonic() - clock
     return results
 

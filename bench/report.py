@@ -39,6 +39,8 @@ class BenchResults:
     profile_error: str | None = None
     report_requests: int = 0  # rows in the synthetic store the report was timed on
     report_seconds: float | None = None  # best wall-clock seconds of build_report over it
+    instructions: dict[str, float] | None = None  # bench/instructions.py: kind -> instructions per request
+    instructions_error: str | None = None
     feature_labels: list[str] = field(default_factory=list)
 
     def target(self, kind: str, hop: str, label: str = "") -> Target | None:
@@ -149,6 +151,7 @@ def render_report(results: BenchResults) -> str:
         _feature_section(results),
         _targets_section(results),
         _bounds_section(results),
+        _instructions_section(results),
         _profile_section(results),
         _report_section(results),
         _raw_section(results),
@@ -320,6 +323,32 @@ def _bounds_section(results: BenchResults) -> str:
         f"would cost {_signed(aiohttp_cpu - floor_cpu, 0)} µs more per request. Each request makes two `send` and two "
         "`recv` system calls, as nginx's does; the rest is CPython executing the event loop, the parsers' callbacks "
         "and the balancer's logic. Several worker processes would raise throughput but not CPU per request.\n"
+    )
+
+
+def _instructions_section(results: BenchResults) -> str:
+    """Instructions per request from valgrind: the same split as above, immune to the machine's noise."""
+    title = "## Instructions per request\n\n"
+    if results.instructions is None:
+        return title + f"_Not measured in this run:_ {results.instructions_error or 'skipped'}\n"
+    counts = results.instructions
+    rows = []
+    previous: str | None = None
+    for kind, label in (("floor", "the floor (server + upstream client, forwarding only)"),
+                        ("lean", "+ the balancer's logic (outcome log and metrics off)"),
+                        ("default", "+ outcome log (writer thread included) and metrics: the balancer as it ships")):
+        if kind not in counts:
+            continue
+        delta = "" if previous is None else _signed(counts[kind] - counts[previous], 0)
+        rows.append(f"| {label} | {_number(counts[kind], 0)} | {delta} |\n")
+        previous = kind
+    return (
+        title + "`python -m bench.instructions`: the public port's code in one process with fake transports (no "
+        "sockets, so no kernel work and no load generator), counted by `valgrind --tool=callgrind` over all threads; "
+        "the difference between runs of 1,300 and 300 requests, per request. Unlike CPU seconds on a shared "
+        "machine, these counts repeat to within a fraction of a percent, so they are the figure to compare "
+        "when a change is small.\n\n"
+        "| what runs | instructions per request | added |\n|---|---|---|\n" + "".join(rows)
     )
 
 

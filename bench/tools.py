@@ -1,4 +1,4 @@
-"""The tools a run needs (nginx, wrk: installed with apt-get when missing) and what the machine is."""
+"""The tools a run needs (nginx, wrk, valgrind: installed with apt-get when missing) and what the machine is."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from bench.errors import BenchError
 
 logger = logging.getLogger(__name__)
 
-DEBIAN_PACKAGES = {"nginx": "nginx", "wrk": "wrk"}
+DEBIAN_PACKAGES = {"nginx": "nginx", "wrk": "wrk", "valgrind": "valgrind"}
 # nginx lives in /usr/sbin, which a non-root PATH often lacks
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 APT_TIMEOUT_S = 900
@@ -28,7 +28,7 @@ def find_tool(name: str) -> str | None:
 
 
 def ensure_tools() -> dict[str, str]:
-    """nginx and wrk, installed with apt-get when missing and running as root; BenchError otherwise."""
+    """nginx, wrk and valgrind, installed with apt-get when missing and running as root; BenchError otherwise."""
     missing = [name for name in DEBIAN_PACKAGES if find_tool(name) is None]
     if missing:
         packages = [DEBIAN_PACKAGES[name] for name in missing]

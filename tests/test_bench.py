@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import subprocess
 from datetime import UTC, datetime
@@ -10,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from balancer.config import parse_experiment
+from bench import tools
 from bench.errors import BenchError
-from bench.nginx import nginx_command, render_nginx_config, split_percentages, write_nginx_prefix
+from bench.instructions import KINDS as INSTRUCTION_KINDS
+from bench.instructions import drive
+from bench.nginx import (
+    nginx_command,
+    render_nginx_config,
+    split_percentages,
+    write_nginx_prefix,
+)
 from bench.openloop import build_requests, percentile
 from bench.procstat import (
     CLOCK_TICKS_PER_SECOND,
@@ -27,7 +36,6 @@ from bench.profile import parse_collapsed
 from bench.report import BenchResults, evaluate_targets, render_report
 from bench.runs import QUICK, FixedRateSample, SaturationSample
 from bench.stack import FEATURE_CONFIGURATIONS, Target, balancer_yaml
-from bench import tools
 from bench.tools import ensure_tools, find_tool
 from bench.wrk import parse_wrk_output, wrk_command, wrk_environment
 
@@ -220,6 +228,21 @@ def test_report_has_every_section_and_a_profile_placeholder() -> None:
     assert "| balancer | 1,000 (1,000–1,000) | 0.10× | 0.80 | 9.00 | +0.50 | +7.00 | 200 (25 % kernel) |" in report
     assert "Outcome logging + metrics cost 20.0 % of throughput" in report
     assert "_Not recorded in this run._" in report
+
+
+def test_instruction_counts_render_with_their_increments() -> None:
+    results = _results()
+    assert "## Instructions per request\n\n_Not measured in this run:_ skipped" in render_report(results)
+    results.instructions = {"floor": 76_000.4, "lean": 124_000.0, "default": 176_500.0}
+    report = render_report(results)
+    assert "| the floor (server + upstream client, forwarding only) | 76,000 |  |" in report
+    assert "| + the balancer's logic (outcome log and metrics off) | 124,000 | +48,000 |" in report
+    assert "the balancer as it ships | 176,500 | +52,500 |" in report
+
+
+@pytest.mark.parametrize("kind", list(INSTRUCTION_KINDS))
+def test_the_instruction_harness_answers_every_request(kind: str, tmp_path: Path) -> None:
+    assert asyncio.run(drive(kind, 50, tmp_path)) == 50  # what callgrind counts is a working request path
 
 
 def test_lua_script_is_shipped_next_to_the_harness() -> None:

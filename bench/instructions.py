@@ -1,0 +1,171 @@
+"""Instructions per proxied request, counted by valgrind: a measure the machine's noise cannot move.
+
+    python -m bench.instructions [--kinds floor lean default]
+
+CPU seconds at saturation (`make bench`) swing by tens of percent on a shared machine; an
+instruction count does not. Each kind runs the public port's real code in one process with
+fake transports (no sockets, so no kernel work and no load generator): a request goes into
+`balancer.http_server`, through the handler, out to a pooled upstream connection, whose
+canned answer comes back to the client. `valgrind --tool=callgrind` counts every thread's
+instructions (the outcome log's writer included); the figure is the difference between a run
+of 1,300 and one of 300 requests, divided by 1,000, so start-up and imports cancel out.
+
+Kinds: `floor` is `bench.floor_proxy.FloorHandler` (forwarding only); `lean` is the balancer
+with outcome logging and metrics off; `default` is the balancer as it ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from balancer.config import parse_experiment
+from balancer.events import EventLog
+from balancer.http_server import ClientConnection, HttpServer
+from balancer.metrics import BalancerMetrics
+from balancer.proxy import Proxy
+from balancer.runtime import Runtime
+from balancer.upstream_client import ConnectionPool, UpstreamConnection
+from balancer.upstreams import UpstreamRegistry
+from bench.errors import BenchError
+from bench.floor_proxy import FloorHandler
+from bench.stack import BalancerOptions, balancer_yaml
+
+KINDS = {
+    "floor": None,
+    "lean": BalancerOptions("lean", record_outcomes=False, export_metrics=False),
+    "default": BalancerOptions("default"),
+}
+WARM_UP = 100
+SHORT_RUN, LONG_RUN = 300, 1_300
+UPSTREAMS = {"model_a": "127.0.0.1:9", "model_b": "127.0.0.1:9"}  # never connected to: the transports are fake
+BODY = json.dumps({"instances": [[0.5] * 30]}).encode()
+UPSTREAM_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 80\r\n\r\n" + b"x" * 80
+
+
+class _FakeTransport:
+    """Just enough of asyncio.Transport: writes go to a callback."""
+
+    def __init__(self, on_write: Any) -> None:
+        self.on_write = on_write
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.on_write(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def drive(kind: str, requests: int, workdir: Path) -> int:
+    """Proxy `requests` requests (after a warm-up) through `kind`; the number answered with a 200."""
+    options = KINDS[kind]
+    config = workdir / "experiment.yaml"
+    config.write_text(balancer_yaml(options or BalancerOptions("floor"), UPSTREAMS))
+    loaded = parse_experiment(config.read_text(), source=str(config))
+    events = EventLog(workdir / "outcomes.db", flush_interval_s=0.2)
+    metrics = BalancerMetrics()
+    registry = UpstreamRegistry(loaded.experiment.upstream)
+    runtime = Runtime(config, events, metrics, registry)
+    await runtime.start(loaded)
+    handler: Any = Proxy(runtime, registry, events, metrics)
+    pools = [endpoint.pool for upstreams in registry.variants.values() for endpoint in upstreams.endpoints]
+    if options is None:
+        floor_pools = [(name, ConnectionPool("127.0.0.1", 9)) for name in UPSTREAMS]
+        handler = FloorHandler(itertools.cycle(floor_pools))
+        pools = [pool for _, pool in floor_pools]
+    sent: list[UpstreamConnection] = []
+    answers: list[bytes] = []
+
+    def fake_connect(pool: ConnectionPool) -> Any:
+        async def connect() -> UpstreamConnection:
+            connection = UpstreamConnection(pool)
+            connection.connection_made(_FakeTransport(lambda data: sent.append(connection)))  # type: ignore[arg-type]
+            return connection
+        return connect
+
+    for pool in pools:
+        pool._connect = fake_connect(pool)  # type: ignore[method-assign]
+    client = ClientConnection(HttpServer(handler, max_body_bytes=1 << 20, body_timeout_s=10, keepalive_timeout_s=60))
+    client.connection_made(_FakeTransport(answers.append))  # type: ignore[arg-type]
+    payloads = [b"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nX-User-ID: user-%d\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (user, len(BODY), BODY) for user in range(1000)]
+    ok = 0
+    for index in range(WARM_UP + requests):
+        client.data_received(payloads[index % len(payloads)])
+        while not sent:  # the first request of each pool connects in a task
+            await asyncio.sleep(0)
+        sent.pop().data_received(UPSTREAM_ANSWER)
+        while not answers:
+            await asyncio.sleep(0)
+        ok += answers.pop().startswith(b"HTTP/1.1 200 ")
+    events.close()  # the last batch is committed inside the counted run
+    await registry.close()
+    return ok - WARM_UP
+
+
+def _count(kind: str, requests: int) -> int:
+    """Instructions of one whole run under callgrind."""
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m", "bench.instructions",
+               "--run", kind, str(requests)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in result.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split()[-1])
+    raise BenchError(f"callgrind gave no count for {kind} ({result.returncode}): {result.stderr[-500:]}")
+
+
+def measure(kinds: list[str]) -> dict[str, float]:
+    """Instructions per request of each kind (two callgrind runs each, all in parallel)."""
+    if shutil.which("valgrind") is None:
+        raise BenchError("valgrind is not installed: apt-get install -y valgrind")
+    jobs = [(kind, requests) for kind in kinds for requests in (SHORT_RUN, LONG_RUN)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        counts = dict(zip(jobs, pool.map(lambda job: _count(*job), jobs), strict=True))
+    return {kind: (counts[kind, LONG_RUN] - counts[kind, SHORT_RUN]) / (LONG_RUN - SHORT_RUN) for kind in kinds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--run", nargs=2, metavar=("KIND", "REQUESTS"), help=argparse.SUPPRESS)  # one counted run
+    args = parser.parse_args()
+    if args.run:
+        kind, requests = args.run[0], int(args.run[1])
+        with tempfile.TemporaryDirectory(prefix="bench-instructions-") as folder:
+            answered = asyncio.run(drive(kind, requests, Path(folder)))
+        if answered != requests:
+            raise SystemExit(f"{kind}: only {answered} of {requests} requests answered 200")
+        return
+    per_request = measure(args.kinds)
+    previous = None
+    for kind in args.kinds:
+        delta = "" if previous is None else f"  ({per_request[kind] - per_request[previous]:+,.0f} over {previous})"
+        print(f"{kind:8s} {per_request[kind]:>9,.0f} instructions/request{delta}")
+        previous = kind
+
+
+if __name__ == "__main__":
+    main()
