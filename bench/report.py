@@ -346,8 +346,8 @@ def _instructions_section(results: BenchResults) -> str:
         title + "`python -m bench.instructions`: the public port's code in one process with fake transports (no "
         "sockets, so no kernel work and no load generator), counted by `valgrind --tool=callgrind` over all threads; "
         "the difference between runs of 1,300 and 300 requests, per request. Unlike CPU seconds on a shared "
-        "machine, these counts repeat to within a fraction of a percent, so they are the figure to compare "
-        "when a change is small.\n\n"
+        "machine, these counts move by a few per cent at most between runs, "
+        "so they are the figure to compare when a change is small.\n\n"
         "| what runs | instructions per request | added |\n|---|---|---|\n" + "".join(rows)
     )
 
