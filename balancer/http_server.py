@@ -8,7 +8,8 @@ The admin port stays an aiohttp application.
 What the server owns, so that the handler only sees complete, size-checked requests:
 - framing: Content-Length and chunked bodies in, Content-Length out; keep-alive and
   pipelining (answers leave in request order, one request handled at a time per connection);
-- limits: `max_body_bytes` (413, before the body is read when Content-Length says so),
+- limits: 64 KiB of request line and headers (431), `max_body_bytes` (413, before the body
+  is read when Content-Length says so),
   `body_timeout_s` for a body still arriving (408), `keepalive_timeout_s` for a connection
   with no request in progress (closed, whether idle or stuck in its headers);
 - `Expect: 100-continue`, malformed requests (400), HEAD, and lingering close after an
@@ -41,6 +42,7 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 LINGER_S = 2.0  # how long an early-closed connection keeps reading (and dropping) what the client still sends
 MAX_PIPELINED = 16
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; beyond it: 431 (aiohttp and nginx bound them too)
 _METHODS = {method.encode(): method for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}  # requests queued behind the one being handled before the server stops reading
 
 
@@ -123,7 +125,7 @@ class RequestHandler(Protocol):
         """An admitted request is over: answered, timed out, too large, or its client went away."""
 
     def rejected(self, reason: str) -> None:
-        """The server itself refused a request (reason: bad_request, body_too_large, body_timeout)."""
+        """The server itself refused a request (reason: bad_request, headers_too_large, body_too_large, body_timeout)."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -149,6 +151,8 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # answer what is queued, then close
         self.discarding = False  # stop parsing: the connection is closing after an early answer
         self.reading_paused = False
+        self.in_headers = False  # a request's line or headers are being parsed
+        self.header_bytes = 0  # bytes received while they were
         self.idle_since = self.loop.time()
 
     # --- asyncio.Protocol -----------------------------------------------------------------
@@ -182,6 +186,14 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.handler.rejected("bad_request")
             self._refuse(400, f"malformed HTTP request: {exc}")
+        if self.in_headers and not self.discarding:
+            # httptools buffers a header it has not finished, so unbounded headers are unbounded memory.
+            # Whole reads that arrive mid-headers count; the read the request started in does not
+            # (on_message_begin marks it with -1), so the bound is MAX_HEADER_BYTES plus one read.
+            self.header_bytes = 0 if self.header_bytes < 0 else self.header_bytes + len(data)
+            if self.header_bytes > MAX_HEADER_BYTES:
+                self.handler.rejected("headers_too_large")
+                self._refuse(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
         if self.current is not None and self.body_timer is None and not self.discarding:
             self.body_timer = self.loop.call_later(self.server.body_timeout_s, self._body_timed_out)
         if len(self.queue) > MAX_PIPELINED and not self.reading_paused and self.transport is not None:
@@ -213,6 +225,8 @@ class ClientConnection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.in_headers = True
+        self.header_bytes = -1
         self.url = b""
         self.headers = []
         self.body = []
@@ -225,6 +239,7 @@ class ClientConnection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_headers = False
         if self.discarding:  # more requests behind an early answer in the same packet: not parsed further
             return
         parser = self.parser

@@ -282,3 +282,29 @@ async def test_stop_closes_idle_connections_and_finishes_the_answer_in_progress(
     assert reply.status == 200 and reply.headers["connection"] == "close"
     idle_writer.close()
     busy_writer.close()
+
+
+async def test_endless_headers_get_431_before_they_fill_memory(running: Running) -> None:
+    reader, writer = await connect(running.port)
+    writer.write(b"GET /h HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    for _ in range(40):  # one header value of 40 x 4 KiB, never finished
+        writer.write(b"y" * 4096)
+        await asyncio.sleep(0.005)
+    reply = await read_reply(reader)
+    assert reply.status == 431 and "65536 bytes" in str(reply.json()["error"])
+    assert await closed_within(reader, 3.0)
+    writer.close()
+    assert running.handler.rejections == ["headers_too_large"]
+
+
+async def test_many_pipelined_requests_in_one_read_are_not_mistaken_for_large_headers(running: Running) -> None:
+    reader, writer = await connect(running.port)
+    count = 15  # under MAX_PIPELINED; together they are far over the header limit, and reads end mid-headers
+    stream = b"".join(post(f"/p{index}", b"x" * 90, "X-Pad: " + "z" * 6000) for index in range(count))
+    for start in range(0, len(stream), 5000):
+        writer.write(stream[start:start + 5000])
+        await writer.drain()
+        await asyncio.sleep(0.002)
+    replies = [await read_reply(reader) for _ in range(count)]
+    writer.close()
+    assert [reply.status for reply in replies] == [200] * count
