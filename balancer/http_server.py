@@ -1,7 +1,7 @@
 """The public port's HTTP/1.1 server: asyncio.Protocol + httptools, as lean as the upstream client.
 
-aiohttp's `web.Server` costs about 40 µs of CPU per request more than this on the
-benchmark machine (BENCHMARKS.md, "What bounds the balancer"); the public port only
+Forwarding behind aiohttp's `web.Server` costs about twice the CPU per request that it
+costs on this server (BENCHMARKS.md, "What bounds the balancer"); the public port only
 needs buffered requests and buffered responses, so it gets a server that does just that.
 The admin port stays an aiohttp application.
 
@@ -330,7 +330,8 @@ class ClientConnection(asyncio.Protocol):
             return
         response = request.response
         assert response is not None
-        keep_alive = request.keep_alive and not self.closing and not self.server.closing
+        # A closing connection still answers what is queued; only its last answer says so.
+        keep_alive = request.keep_alive and not ((self.closing or self.server.closing) and not self.queue)
         status = response.status
         if status in _NO_BODY_STATUSES or status < 200:
             framing = b""
@@ -348,7 +349,9 @@ class ClientConnection(asyncio.Protocol):
         transport.write(b"HTTP/1.1 %d %s\r\n%s%s\r\n%s" % (
             status, _REASONS.get(status, b"Unknown"), response.header_lines, framing, body,
         ))
-        if not keep_alive and not self.queue:
+        if not keep_alive:
+            while self.queue:  # nothing may follow "Connection: close": requests pipelined behind it go unanswered
+                self._finish(self.queue.pop())
             if self.discarding:
                 # Answered early: half-close and drop what the client still sends for a while, so it
                 # reads the answer instead of a reset caused by unread bytes.

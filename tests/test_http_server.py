@@ -308,3 +308,21 @@ async def test_many_pipelined_requests_in_one_read_are_not_mistaken_for_large_he
     replies = [await read_reply(reader) for _ in range(count)]
     writer.close()
     assert [reply.status for reply in replies] == [200] * count
+
+
+async def test_nothing_is_answered_after_connection_close_and_only_the_last_answer_says_close(running: Running) -> None:
+    reader, writer = await connect(running.port)
+    writer.write(post("/first", b"1", "Connection: close") + post("/never", b"2"))
+    first = await read_reply(reader)
+    async with asyncio.timeout(2):
+        rest = await reader.read()  # up to the server's close
+    writer.close()
+    assert first.headers["connection"] == "close" and rest == b""
+    assert running.handler.admitted["/never"] == running.handler.finished_count["/never"] <= 1
+    reader, writer = await connect(running.port)
+    # two requests, then a malformed one: both are answered, the 400 last, and only it closes
+    writer.write(post("/a", b"1", "X-Delay: 0.05") + post("/b", b"2") + b"BROKEN\x00\r\n\r\n")
+    replies = [await read_reply(reader) for _ in range(3)]
+    writer.close()
+    assert [reply.status for reply in replies] == [200, 200, 400]
+    assert [reply.headers.get("connection") for reply in replies] == [None, None, "close"]
