@@ -63,6 +63,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass
+class Core:
+    """The balancer's parts behind its ports, wired together; the public port's handler is `proxy`."""
+
+    events: EventLog
+    metrics: BalancerMetrics
+    registry: UpstreamRegistry
+    runtime: Runtime
+    proxy: Proxy
+
+
+async def assemble(config: Path, loaded: LoadedConfig, store: str | Path, *, flush_interval_s: float,
+                   recent_ids: int = 200_000) -> Core:
+    """Open the outcome log, apply `loaded` (read from `config`) and build the proxy over them.
+
+    Health checks and the file watch are not started: `Balancer.start` adds them; tests and
+    `bench.instructions` run the parts without them.
+    """
+    events = EventLog(store, flush_interval_s=flush_interval_s, recent_ids=recent_ids)
+    metrics = BalancerMetrics()
+    registry = UpstreamRegistry(loaded.experiment.upstream)
+    runtime = Runtime(config, events, metrics, registry)
+    await runtime.start(loaded)
+    return Core(events, metrics, registry, runtime, Proxy(runtime, registry, events, metrics))
+
+
 class Balancer:
     """The running balancer: both ports, the store and the background tasks."""
 
@@ -82,16 +108,13 @@ class Balancer:
     async def start(self) -> None:
         """Open the store, apply the config, start listening."""
         settings = self.settings
-        self.events = EventLog(settings.store, flush_interval_s=settings.flush_interval_s,
-                               recent_ids=settings.recent_request_ids)
-        self.metrics = BalancerMetrics()
-        self.registry = UpstreamRegistry(self.loaded.experiment.upstream)
-        self.runtime = Runtime(self.options.config, self.events, self.metrics, self.registry)
-        await self.runtime.start(self.loaded)
+        core = await assemble(self.options.config, self.loaded, settings.store,
+                              flush_interval_s=settings.flush_interval_s, recent_ids=settings.recent_request_ids)
+        self.events, self.metrics, self.registry = core.events, core.metrics, core.registry
+        self.runtime, self.proxy = core.runtime, core.proxy
         self.session = aiohttp.ClientSession()
         self.registry.start(self.session)
         self.runtime.watch()
-        self.proxy = Proxy(self.runtime, self.registry, self.events, self.metrics)
 
         self.public_server = HttpServer(
             self.proxy, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.client_body_timeout_s,

@@ -67,7 +67,6 @@ class Proxy:
         self.in_flight = 0
         metrics.in_flight.set_function(lambda: float(self.in_flight))
         self._idle_waiters: list[asyncio.Future[None]] = []
-        self._sticky_header_names: dict[str, bytes] = {}
         self._id_prefix = os.urandom(5).hex()
         self._id_counter = itertools.count(1)
         self._id_entropy = ""
@@ -211,14 +210,12 @@ class Proxy:
             return False
         return any(remote in network for network in self.trusted_override_sources)
 
-    def _unit_id(self, request: HttpRequest, active: ActiveConfig) -> str | None:
+    @staticmethod
+    def _unit_id(request: HttpRequest, active: ActiveConfig) -> str | None:
         kind, name = active.sticky_source
         value: str | None
         if kind == "header":
-            lower = self._sticky_header_names.get(name)
-            if lower is None:
-                lower = self._sticky_header_names[name] = name.lower().encode("latin-1")
-            value = request.header(lower)
+            value = request.header(active.sticky_header)
         elif kind == "cookie":
             value = cookie_value(request.header(b"cookie"), name)
         else:

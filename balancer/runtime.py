@@ -37,6 +37,7 @@ class ActiveConfig:
     variant_metrics: dict[str, VariantMetrics]
     applied_at: float
     sticky_source: tuple[str, str]  # (header|cookie|json, name), parsed once
+    sticky_header: bytes  # a header source's name, lower-case bytes as `HttpRequest.header` takes it
 
     @property
     def experiment(self) -> Experiment:
@@ -140,6 +141,7 @@ class Runtime:
             variant_metrics={v.name: metrics.children(experiment.name, v.name) for v in experiment.variants},
             applied_at=time.time(),
             sticky_source=experiment.sticky_source,
+            sticky_header=experiment.sticky_source[1].lower().encode("latin-1"),
         )
         self.last_error = None
 

@@ -84,8 +84,6 @@ class VariantUpstreams:
         count = len(endpoints)
         if count == 0:
             return None
-        if count == 1 and endpoints[0].healthy and not endpoints[0].ejected_until and not exclude:
-            return endpoints[0]  # the common single-replica case: no clock read, no rotation
         now = time.monotonic()
         for offset in range(count):
             endpoint = endpoints[(self._next + offset) % count]

@@ -29,14 +29,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from balancer.app import assemble
 from balancer.config import parse_experiment
-from balancer.events import EventLog
 from balancer.http_server import ClientConnection, HttpServer
-from balancer.metrics import BalancerMetrics
-from balancer.proxy import Proxy
-from balancer.runtime import Runtime
 from balancer.upstream_client import ConnectionPool, UpstreamConnection
-from balancer.upstreams import UpstreamRegistry
 from bench.errors import BenchError
 from bench.floor_proxy import FloorHandler
 from bench.stack import BalancerOptions, balancer_yaml
@@ -85,13 +81,9 @@ async def drive(kind: str, requests: int, workdir: Path) -> int:
     config = workdir / "experiment.yaml"
     config.write_text(balancer_yaml(options or BalancerOptions("floor"), UPSTREAMS))
     loaded = parse_experiment(config.read_text(), source=str(config))
-    events = EventLog(workdir / "outcomes.db", flush_interval_s=0.2)
-    metrics = BalancerMetrics()
-    registry = UpstreamRegistry(loaded.experiment.upstream)
-    runtime = Runtime(config, events, metrics, registry)
-    await runtime.start(loaded)
-    handler: Any = Proxy(runtime, registry, events, metrics)
-    pools = [endpoint.pool for upstreams in registry.variants.values() for endpoint in upstreams.endpoints]
+    core = await assemble(config, loaded, workdir / "outcomes.db", flush_interval_s=0.2)
+    handler: Any = core.proxy
+    pools = [endpoint.pool for upstreams in core.registry.variants.values() for endpoint in upstreams.endpoints]
     if options is None:
         floor_pools = [(name, ConnectionPool("127.0.0.1", 9)) for name in UPSTREAMS]
         handler = FloorHandler(itertools.cycle(floor_pools))
@@ -121,8 +113,8 @@ async def drive(kind: str, requests: int, workdir: Path) -> int:
         while not answers:
             await asyncio.sleep(0)
         ok += answers.pop().startswith(b"HTTP/1.1 200 ")
-    events.close()  # the last batch is committed inside the counted run
-    await registry.close()
+    core.events.close()  # the last batch is committed inside the counted run
+    await core.registry.close()
     return ok - WARM_UP
 
 

@@ -16,20 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 import yaml
-import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from balancer.app import assemble
 from balancer.assignment import BUCKETS, Assigner, bucket_counts
 from balancer.config import ConfigError, parse_experiment
 from balancer.events import EventLog
 from balancer.http_server import HttpServer
-from balancer.metrics import BalancerMetrics
-from balancer.proxy import Proxy
 from balancer.runtime import Runtime
 from balancer.upstreams import UpstreamRegistry
 
@@ -199,16 +198,11 @@ def in_process(tmp_path: Path) -> Iterator[InProcess]:
 
     async def start() -> InProcess:
         loaded = parse_experiment(config.read_text(), source=str(config))
-        events = EventLog(tmp_path / "outcomes.db", flush_interval_s=0.05)
-        metrics = BalancerMetrics()
-        registry = UpstreamRegistry(loaded.experiment.upstream)
-        runtime = Runtime(config, events, metrics, registry)
-        await runtime.start(loaded)
-        proxy = Proxy(runtime, registry, events, metrics)
-        server = HttpServer(proxy, max_body_bytes=1 << 20, body_timeout_s=5.0, keepalive_timeout_s=5.0)
+        core = await assemble(config, loaded, tmp_path / "outcomes.db", flush_interval_s=0.05)
+        server = HttpServer(core.proxy, max_body_bytes=1 << 20, body_timeout_s=5.0, keepalive_timeout_s=5.0)
         port = await server.start("127.0.0.1", 0)
         client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
-        return InProcess(loop, config, events, runtime, registry, server, client, upstream)
+        return InProcess(loop, config, core.events, core.runtime, core.registry, server, client, upstream)
 
     balancer = loop.run_until_complete(start())
     try:
