@@ -8,7 +8,7 @@ ARTIFACTS ?= artifacts
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 export MODEL_ARTIFACTS_DIR := $(abspath $(ARTIFACTS))
 
-.PHONY: venv train demo test test-fast bench build base-image up down logs load report clean
+.PHONY: venv native train demo test test-fast bench build base-image up down logs load report clean
 
 venv: $(STAMP)
 
@@ -25,13 +25,18 @@ $(ARTIFACTS)/.trained: $(STAMP) $(wildcard modelserver/*.py model_a/*.py model_b
 
 train: $(ARTIFACTS)/.trained
 
-demo: train
+# The request path compiled with mypyc (balancer/native.py); rebuilt only when its sources
+# changed, and skipped with a warning where there is no C compiler.
+native: $(STAMP)
+	$(BIN)/python scripts/build_native.py --if-stale
+
+demo: train native
 	$(BIN)/python -m balancer demo
 
-test: train
+test: train native
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: train
+test-fast: train native
 	$(BIN)/python -m pytest -q -m "not containers and not slow" $(PYTEST_ARGS)
 
 clean:
@@ -78,5 +83,5 @@ report:
 # BENCH_ARGS=--quick for a 1-2 minute smoke run; --profile adds a py-spy profile of the balancer.
 BENCH_ARGS ?=
 
-bench: train
+bench: train native
 	$(BIN)/python -m bench $(BENCH_ARGS)

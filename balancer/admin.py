@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from balancer import native
 from balancer.config import ConfigError, parse_experiment
 from balancer.events import EventLog
 from balancer.runtime import Runtime
@@ -69,11 +70,13 @@ async def _require_token(request: web.Request, handler: Any) -> web.StreamRespon
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Alive, with the active version and how many records await a flush."""
+    """Alive, with the active version, how many records await a flush, and how the request path runs."""
     runtime = request.app[RUNTIME_KEY]
     assert runtime.active is not None
+    loop_module = type(asyncio.get_running_loop()).__module__
     return web.json_response({
         "status": "ok", "version": runtime.active.version, "pending_records": request.app[EVENTS_KEY].pending,
+        "event_loop": "uvloop" if loop_module.startswith("uvloop") else "asyncio", "request_path": native.MODE,
     })
 
 

@@ -11,12 +11,15 @@ import asyncio
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
+from balancer import native
 from balancer.admin import build_admin_app
 from balancer.config import ConfigError, LoadedConfig, ServerSettings, load_experiment
 from balancer.events import EventLog
@@ -41,6 +44,7 @@ class ServeOptions:
     store: str | None = None
     admin_token: str | None = None
     drain_timeout_s: float = 10.0
+    event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop); see EVENT_LOOPS
 
 
 def effective_server_settings(loaded: LoadedConfig, options: ServeOptions) -> ServerSettings:
@@ -127,9 +131,10 @@ class Balancer:
         await self.admin_runner.setup()
         await web.TCPSite(self.admin_runner, settings.admin_host, settings.admin_port).start()
         logger.info(
-            "balancer %r version %d: public http://%s:%d, admin http://%s:%d, store %s",
+            "balancer %r version %d: public http://%s:%d, admin http://%s:%d, store %s; event loop %s, request path %s",
             self.loaded.experiment.name, self.runtime.active.version if self.runtime.active else 0,
             settings.host, settings.port, settings.admin_host, settings.admin_port, settings.store,
+            self.options.event_loop, native.MODE,
         )
 
     async def stop(self) -> None:
@@ -163,6 +168,13 @@ class Balancer:
             await self.stop()
 
 
+EVENT_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    # uvloop's transports are C, asyncio's are Python: `make bench` measures the difference.
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
 def serve(options: ServeOptions) -> int:
     """Run the balancer until signalled; the exit code."""
     try:
@@ -171,7 +183,8 @@ def serve(options: ServeOptions) -> int:
         logger.error("%s", exc)
         return 2
     try:
-        asyncio.run(balancer.run_until_signalled())
+        with asyncio.Runner(loop_factory=EVENT_LOOPS[options.event_loop]) as runner:
+            runner.run(balancer.run_until_signalled())
     except OSError as exc:
         logger.error("cannot start: %s", exc)
         return 1

@@ -70,6 +70,7 @@ class Assigner:
     override_kind: str
     rng: random.Random = field(compare=False)
     sticky_cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    sticky_cache_size: int = field(default=STICKY_CACHE_SIZE, compare=False, repr=False)
 
     @classmethod
     def for_experiment(cls, experiment: Experiment) -> Assigner:
@@ -100,7 +101,7 @@ class Assigner:
                 variant = self.sticky_cache.get(unit_id)
                 if variant is None:
                     variant = self.names[self.table[bucket_of(unit_id, self.salt)]]
-                    if len(self.sticky_cache) >= STICKY_CACHE_SIZE:
+                    if len(self.sticky_cache) >= self.sticky_cache_size:
                         self.sticky_cache.clear()
                     self.sticky_cache[unit_id] = variant
                 return variant, "sticky"

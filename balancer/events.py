@@ -56,8 +56,8 @@ class EventLog:
         self.written_feedback = 0
         self.duplicate_requests = 0
         self.last_error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="event-log-writer", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run, name="event-log-writer", daemon=True)
+        self._writer.start()
 
     # hot path: called on the event loop, no I/O
     def record_request(self, row: tuple[Any, ...]) -> None:
@@ -152,7 +152,7 @@ class EventLog:
         """Stop the writer and flush everything still buffered."""
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._writer.join(timeout=30)
         self.flush()
         self._connection.close()
         self._reader.close()

@@ -417,7 +417,9 @@ class HttpServer:
         """Start listening; the bound port (useful with port 0)."""
         self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=backlog)
         self._sweeper = self.loop.create_task(self._sweep_idle())
-        return int(self._server.sockets[0].getsockname()[1])
+        # Read untyped: typeshed says a tuple, uvloop's server gives a list, and compiled code checks.
+        sockets: Any = getattr(self._server, "sockets")
+        return int(sockets[0].getsockname()[1])
 
     async def _sweep_idle(self) -> None:
         """One periodic pass closes idle connections: no timer per connection or per request."""

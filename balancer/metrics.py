@@ -110,7 +110,7 @@ class _HotPathCollector(Collector):
             for status_class, count in zip(STATUS_CLASSES, stats.status_counts, strict=True):
                 requests.add_metric([experiment, variant, status_class], count)
             cumulative = list(accumulate(stats.bucket_counts))
-            bounds = [*(repr(float(bound)) for bound in LATENCY_BUCKETS), "+Inf"]
+            bounds = [repr(float(bound)) for bound in LATENCY_BUCKETS] + ["+Inf"]
             duration.add_metric([experiment, variant], list(zip(bounds, cumulative, strict=True)), stats.duration_sum)
         yield requests
         yield duration

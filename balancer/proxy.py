@@ -25,13 +25,8 @@ from balancer.hop_headers import cookie_value, forwarded_headers, returned_answe
 from balancer.http_server import HttpRequest, HttpResponse, json_error
 from balancer.metrics import BalancerMetrics
 from balancer.runtime import ActiveConfig, Runtime
-from balancer.upstream_client import (
-    UpstreamClosedError,
-    UpstreamError,
-    UpstreamResponse,
-    UpstreamTimeoutError,
-    serialize_request,
-)
+from balancer.upstream_client import UpstreamResponse, serialize_request
+from balancer.upstream_errors import UpstreamClosedError, UpstreamError, UpstreamTimeoutError
 from balancer.upstreams import Endpoint, UpstreamRegistry
 
 logger = logging.getLogger(__name__)

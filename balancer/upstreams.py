@@ -237,7 +237,7 @@ class UpstreamRegistry:
                 await asyncio.sleep(3600)
                 continue
             endpoints = {endpoint.address: endpoint for upstreams in self.variants.values() for endpoint in upstreams.endpoints}
-            results = await asyncio.gather(*(self._check(endpoint) for endpoint in endpoints.values()))
+            results = await asyncio.gather(*[self._check(endpoint) for endpoint in endpoints.values()])
             health = dict(zip(endpoints, results, strict=True))
             for upstreams in self.variants.values():
                 for endpoint in upstreams.endpoints:

@@ -24,12 +24,8 @@ from collections.abc import Callable, Iterator
 from aiohttp import web
 
 from balancer.http_server import HttpRequest, HttpResponse, HttpServer
-from balancer.upstream_client import (
-    ConnectionPool,
-    UpstreamError,
-    UpstreamResponse,
-    serialize_request,
-)
+from balancer.upstream_client import ConnectionPool, UpstreamResponse, serialize_request
+from balancer.upstream_errors import UpstreamError
 
 Pools = Iterator[tuple[str, ConnectionPool]]
 

@@ -91,15 +91,11 @@ async def drive(kind: str, requests: int, workdir: Path) -> int:
     sent: list[UpstreamConnection] = []
     answers: list[bytes] = []
 
-    def fake_connect(pool: ConnectionPool) -> Any:
-        async def connect() -> UpstreamConnection:
-            connection = UpstreamConnection(pool)
-            connection.connection_made(_FakeTransport(lambda data: sent.append(connection)))  # type: ignore[arg-type]
-            return connection
-        return connect
-
-    for pool in pools:
-        pool._connect = fake_connect(pool)  # type: ignore[method-assign]
+    for pool in pools:  # one kept-alive connection per pool, whose writes are captured: nothing connects
+        connection = UpstreamConnection(pool)
+        connection.connection_made(_FakeTransport(lambda data, connection=connection: sent.append(connection)))  # type: ignore[arg-type]
+        connection.keep_alive = True
+        pool.release(connection)
     client = ClientConnection(HttpServer(handler, max_body_bytes=1 << 20, body_timeout_s=10, keepalive_timeout_s=60))
     client.connection_made(_FakeTransport(answers.append))  # type: ignore[arg-type]
     payloads = [b"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nX-User-ID: user-%d\r\n"
@@ -107,8 +103,6 @@ async def drive(kind: str, requests: int, workdir: Path) -> int:
     ok = 0
     for index in range(WARM_UP + requests):
         client.data_received(payloads[index % len(payloads)])
-        while not sent:  # the first request of each pool connects in a task
-            await asyncio.sleep(0)
         sent.pop().data_received(UPSTREAM_ANSWER)
         while not answers:
             await asyncio.sleep(0)

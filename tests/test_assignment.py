@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -139,12 +140,9 @@ def test_assignment_is_stable_across_processes() -> None:
     assert outputs == {str([bucket_of(f"u{i}", "s") for i in range(50)]) + "\n"}
 
 
-def test_the_sticky_cache_gives_the_hashed_answer_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from balancer import assignment
-
-    monkeypatch.setattr(assignment, "STICKY_CACHE_SIZE", 50)
+def test_the_sticky_cache_gives_the_hashed_answer_and_stays_bounded() -> None:
     experiment = make_experiment([30, 70])
-    assigner = Assigner.for_experiment(experiment)
+    assigner = dataclasses.replace(Assigner.for_experiment(experiment), sticky_cache_size=50)
     for _ in range(3):
         for i in range(120):
             assert assigner.choose(f"u{i}") == (choose_variant(f"u{i}", experiment), "sticky")

@@ -7,14 +7,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from balancer.upstream_client import (
-    ConnectionPool,
+from balancer.upstream_client import ConnectionPool, UpstreamResponse, serialize_request
+from balancer.upstream_errors import (
     UpstreamClosedError,
     UpstreamConnectError,
     UpstreamError,
-    UpstreamResponse,
     UpstreamTimeoutError,
-    serialize_request,
 )
 
 Reply = Callable[[bytes], bytes | None]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
+from typing import Any
 
 import aiohttp
 import pytest
@@ -29,16 +31,20 @@ def experiment(**upstream: object) -> Experiment:
 
 @pytest.fixture
 def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """A fake resolver: host -> addresses, editable by the test."""
+    """A fake DNS at the event loop's getaddrinfo: host -> addresses, editable by the test.
+
+    Faked below the module (whose functions may be compiled, so a replaced module
+    function would go unseen): `upstreams.resolve` runs for real.
+    """
     records = {"replicas-a": ["10.0.0.1", "10.0.0.2"]}
-    real_resolve = upstreams_module.resolve
+    real_getaddrinfo = asyncio.BaseEventLoop.getaddrinfo
 
-    async def resolve(host: str, port: int) -> list[str]:
+    async def getaddrinfo(loop: asyncio.BaseEventLoop, host: str, port: int, **kwargs: Any) -> list[Any]:
         if host in records:
-            return list(records[host])
-        return await real_resolve(host, port)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in records[host]]
+        return await real_getaddrinfo(loop, host, port, **kwargs)
 
-    monkeypatch.setattr(upstreams_module, "resolve", resolve)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", getaddrinfo)
     return records
 
 

@@ -1,0 +1,113 @@
+"""The request path compiled to C with mypyc, and the guard that never runs it stale.
+
+The modules in `COMPILED_MODULES` are ordinary typed Python. `python scripts/build_native.py`
+(run by `make`, and by the balancer's Dockerfile) compiles them with mypyc into C extensions
+placed beside their sources, and writes `native.json` with the SHA-256 of every source it
+compiled. Python prefers an extension over a source file of the same name, so at import
+`select()` (called by `balancer/__init__`) checks those hashes: if any source changed since
+the build, or `BALANCER_PURE_PYTHON=1` is set, every module is imported from its `.py` file
+instead, and `MODE` says why. An edit therefore never runs stale compiled code.
+
+mypyc compiles only what mypy accepts, checks types at run time, and makes classes native:
+methods cannot be monkeypatched and unknown attributes cannot be set. `make bench` measures
+the compiled and interpreted request paths side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+
+PACKAGE = "balancer"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Everything a proxied request runs.
+COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "assignment", "metrics", "events",
+                    "upstreams", "runtime")
+MANIFEST = "native.json"
+GROUP = f"{PACKAGE}.native_group"  # one shared library: calls between the modules stay native
+PURE_ENVIRONMENT = "BALANCER_PURE_PYTHON"
+
+MODE = "interpreted (not built)"
+"""How the request path runs in this process: "compiled", or "interpreted (reason)"."""
+
+
+def source_digests(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
+    """SHA-256 of each compiled module's source."""
+    return {name: hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest() for name in COMPILED_MODULES}
+
+
+def extensions(package_dir: Path = PACKAGE_DIR) -> list[Path]:
+    """The compiled extension files present in the package."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return [path for path in package_dir.iterdir() if path.name.endswith(suffixes)]
+
+
+def decide(package_dir: Path, environ: Mapping[str, str]) -> tuple[bool, str]:
+    """(use the compiled modules?, the mode to report): compiled only when built from these exact sources."""
+    if not extensions(package_dir):
+        return False, "interpreted (not built: make native)"
+    if environ.get(PURE_ENVIRONMENT, "") not in ("", "0"):
+        return False, f"interpreted ({PURE_ENVIRONMENT} is set)"
+    try:
+        built = json.loads((package_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False, f"interpreted (no valid {MANIFEST}: rebuild with make native)"
+    current = source_digests(package_dir)
+    changed = sorted(name for name in COMPILED_MODULES if built.get(name) != current[name])
+    if changed:
+        return False, f"interpreted (changed since the build: {', '.join(changed)}; rebuild with make native)"
+    return True, "compiled"
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Imports `balancer.<module>` from its .py file even where an extension sits beside it."""
+
+    def __init__(self, package_dir: Path) -> None:
+        self.package_dir = package_dir
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        package, _, name = fullname.rpartition(".")
+        if package != PACKAGE or name not in COMPILED_MODULES:
+            return None
+        return importlib.util.spec_from_file_location(fullname, self.package_dir / f"{name}.py")
+
+
+def select(environ: Mapping[str, str] = os.environ) -> str:
+    """Choose compiled or source modules for this process (before any of them is imported); the mode."""
+    global MODE
+    use_compiled, MODE = decide(PACKAGE_DIR, environ)
+    if not use_compiled and not any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder(PACKAGE_DIR))
+    return MODE
+
+
+def build(package_dir: Path = PACKAGE_DIR) -> None:
+    """Compile `COMPILED_MODULES` in place with mypyc and record their source hashes. Needs a C compiler."""
+    from mypyc.build import mypycify  # build-time only: mypy is not a runtime dependency
+    from setuptools import setup
+
+    project = package_dir.parent
+    for stale in extensions(package_dir):
+        stale.unlink()
+    (package_dir / MANIFEST).unlink(missing_ok=True)
+    digests = source_digests(package_dir)  # hashed before compiling: an edit during the build shows as stale
+    previous = Path.cwd()
+    os.chdir(project)  # mypyc names modules by their path from here
+    warnings.filterwarnings("ignore", message=".*tool.setuptools.*")  # setuptools reading our pyproject.toml
+    try:
+        modules = mypycify([f"{PACKAGE}/{name}.py" for name in COMPILED_MODULES], opt_level="3", group_name=GROUP,
+                           target_dir="build/mypyc")
+        setup(name="balancer-native", ext_modules=modules, script_args=["--quiet", "build_ext", "--inplace", "--build-temp", "build/temp"],
+              py_modules=[])
+    finally:
+        os.chdir(previous)
+    (package_dir / MANIFEST).write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
