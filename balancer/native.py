@@ -21,8 +21,9 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
 import sys
-import warnings
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -91,23 +92,32 @@ def select(environ: Mapping[str, str] = os.environ) -> str:
 
 
 def build(package_dir: Path = PACKAGE_DIR) -> None:
-    """Compile `COMPILED_MODULES` in place with mypyc and record their source hashes. Needs a C compiler."""
+    """Compile `COMPILED_MODULES` with mypyc, place the extensions beside their sources, record the sources' hashes.
+
+    Needs a C compiler and Python's headers. The build runs in a scratch copy of the package
+    (so no project configuration of ours is read, and a failed build leaves nothing behind).
+    """
     from mypyc.build import mypycify  # build-time only: mypy is not a runtime dependency
     from setuptools import setup
 
-    project = package_dir.parent
-    for stale in extensions(package_dir):
-        stale.unlink()
-    (package_dir / MANIFEST).unlink(missing_ok=True)
     digests = source_digests(package_dir)  # hashed before compiling: an edit during the build shows as stale
     previous = Path.cwd()
-    os.chdir(project)  # mypyc names modules by their path from here
-    warnings.filterwarnings("ignore", message=".*tool.setuptools.*")  # setuptools reading our pyproject.toml
-    try:
-        modules = mypycify([f"{PACKAGE}/{name}.py" for name in COMPILED_MODULES], opt_level="3", group_name=GROUP,
-                           target_dir="build/mypyc")
-        setup(name="balancer-native", ext_modules=modules, script_args=["--quiet", "build_ext", "--inplace", "--build-temp", "build/temp"],
-              py_modules=[])
-    finally:
-        os.chdir(previous)
+    with tempfile.TemporaryDirectory(prefix="balancer-native-") as scratch:
+        workdir = Path(scratch)
+        shutil.copytree(package_dir, workdir / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.so", MANIFEST))
+        os.chdir(workdir)  # mypyc names modules by their path from here
+        try:
+            modules = mypycify(["--ignore-missing-imports", *(f"{PACKAGE}/{name}.py" for name in COMPILED_MODULES)],
+                               opt_level="3", group_name=GROUP, target_dir="build/c")
+            setup(name="balancer-native", ext_modules=modules, py_modules=[],
+                  script_args=["--quiet", "build_ext", "--inplace", "--build-temp", "build/objects"])
+        finally:
+            os.chdir(previous)
+        built = extensions(workdir / PACKAGE)
+        if len(built) != len(COMPILED_MODULES) + 1:  # one per module, plus the group's shared library
+            raise RuntimeError(f"mypyc built {[path.name for path in built]}, expected {len(COMPILED_MODULES) + 1} extensions")
+        for stale in extensions(package_dir):
+            stale.unlink()
+        for extension in built:
+            shutil.copy2(extension, package_dir / extension.name)
     (package_dir / MANIFEST).write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")

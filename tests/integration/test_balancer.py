@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -197,3 +198,13 @@ async def test_live_report_on_the_admin_port(stack: Stack) -> None:
     assert {name: variant["requests"] for name, variant in by_name.items()} == stored
     assert "srm" in report and "p_value" in report["srm"]
     assert 'id="plot-cumulative-lift"' in page and "model_b" in page
+
+
+async def test_healthz_says_how_the_request_path_runs(stack: Stack) -> None:
+    from balancer import native
+
+    async with aiohttp.ClientSession() as session, session.get(f"{stack.admin}/healthz") as reply:
+        health = await reply.json()
+    # the served process was started with this test run's environment
+    assert health["event_loop"] == "uvloop"
+    assert health["request_path"] == native.decide(native.PACKAGE_DIR, os.environ)[1]

@@ -1,0 +1,106 @@
+"""The compiled request path (balancer/native.py): used only when built from the current sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from balancer import native
+from tests.processes import REPO
+
+EXTENSION = "proxy.cpython-311-x86_64-linux-gnu.so"
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    """A package directory holding the compiled modules' sources (copies of the real ones)."""
+    folder = tmp_path / "balancer"
+    folder.mkdir()
+    for name in native.COMPILED_MODULES:
+        shutil.copy(native.PACKAGE_DIR / f"{name}.py", folder / f"{name}.py")
+    return folder
+
+
+def built(folder: Path) -> None:
+    """Pretend a build ran: an extension file and a manifest of the current sources."""
+    (folder / EXTENSION).write_bytes(b"")
+    (folder / native.MANIFEST).write_text(json.dumps(native.source_digests(folder)))
+
+
+def test_nothing_built_runs_interpreted(package: Path) -> None:
+    assert native.decide(package, {}) == (False, "interpreted (not built: make native)")
+
+
+def test_a_build_of_the_current_sources_runs_compiled(package: Path) -> None:
+    built(package)
+    assert native.decide(package, {}) == (True, "compiled")
+    assert native.decide(package, {native.PURE_ENVIRONMENT: "0"}) == (True, "compiled")
+
+
+def test_an_edited_source_switches_every_module_to_its_source_and_says_which(package: Path) -> None:
+    built(package)
+    with (package / "proxy.py").open("a") as source:
+        source.write("\n# edited after the build\n")
+    use_compiled, mode = native.decide(package, {})
+    assert not use_compiled
+    assert mode == "interpreted (changed since the build: proxy; rebuild with make native)"
+
+
+def test_a_missing_or_broken_manifest_runs_interpreted(package: Path) -> None:
+    built(package)
+    (package / native.MANIFEST).write_text("{not json")
+    assert native.decide(package, {})[0] is False
+    (package / native.MANIFEST).unlink()
+    assert "no valid native.json" in native.decide(package, {})[1]
+
+
+def test_the_environment_variable_forces_the_sources(package: Path) -> None:
+    built(package)
+    assert native.decide(package, {native.PURE_ENVIRONMENT: "1"}) == (False, "interpreted (BALANCER_PURE_PYTHON is set)")
+
+
+def _imported_from(environment: dict[str, str], pythonpath: Path = REPO) -> tuple[str, str]:
+    """(mode, file balancer.proxy was loaded from) in a fresh interpreter."""
+    script = "import balancer.proxy, balancer.native as n; print(n.MODE); print(balancer.proxy.__file__)"
+    env = {**os.environ, **environment, "PYTHONPATH": str(pythonpath)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=pythonpath, capture_output=True, text=True,
+                            timeout=60, check=True)
+    mode, path = result.stdout.strip().splitlines()
+    return mode, path
+
+
+def _require_build() -> None:
+    """Skip where nothing was compiled (no C compiler), except under BALANCER_REQUIRE_NATIVE=1 (CI)."""
+    if native.decide(native.PACKAGE_DIR, {})[0]:
+        return
+    reason = native.decide(native.PACKAGE_DIR, {})[1]
+    if os.environ.get("BALANCER_REQUIRE_NATIVE", "") not in ("", "0"):
+        pytest.fail(f"BALANCER_REQUIRE_NATIVE is set but the request path is {reason}")
+    pytest.skip(f"the request path is {reason}")
+
+
+def test_the_built_tree_imports_the_extensions_unless_told_not_to() -> None:
+    _require_build()
+    mode, path = _imported_from({native.PURE_ENVIRONMENT: ""})
+    assert (mode, Path(path).suffix) == ("compiled", ".so")
+    mode, path = _imported_from({native.PURE_ENVIRONMENT: "1"})
+    assert (mode, Path(path).name) == ("interpreted (BALANCER_PURE_PYTHON is set)", "proxy.py")
+
+
+def test_an_edit_after_the_build_never_runs_the_stale_extension(tmp_path: Path) -> None:
+    _require_build()
+    shutil.copytree(native.PACKAGE_DIR, tmp_path / "balancer", ignore=shutil.ignore_patterns("__pycache__"))
+    source = tmp_path / "balancer" / "hop_headers.py"
+    source.write_text(source.read_text() + "\nEDITED = True\n")
+    mode, path = _imported_from({native.PURE_ENVIRONMENT: ""}, pythonpath=tmp_path)
+    assert mode == "interpreted (changed since the build: hop_headers; rebuild with make native)"
+    assert path == str(tmp_path / "balancer" / "proxy.py")
+    edited = subprocess.run([sys.executable, "-c", "import balancer.hop_headers as h; print(h.EDITED)"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert edited.stdout.strip() == "True", edited.stderr
