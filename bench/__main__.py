@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -19,6 +20,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
+from balancer import native
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
 from bench.instructions import measure as count_instructions
@@ -87,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchResults:
     """Start everything, measure, stop everything; the results."""
     tools = ensure_tools()
-    machine = {**describe_machine(tools), "code measured": describe_code(REPO)}
+    machine = {**describe_machine(tools), "code measured": describe_code(REPO),
+               "balancer request path": native.decide(native.PACKAGE_DIR, os.environ)[1] + " (`balancer/native.py`)"}
     artifacts = artifacts_dir()
     started, clock = datetime.now(UTC), time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
+from balancer.app import EVENT_LOOPS
 from balancer.http_server import HttpRequest, HttpResponse, HttpServer
 from balancer.upstream_client import ConnectionPool, UpstreamResponse, serialize_request
 from balancer.upstream_errors import UpstreamError
@@ -111,10 +112,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", choices=("balancer", "aiohttp"), default="balancer")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--event-loop", choices=tuple(EVENT_LOOPS), default="uvloop")
     parser.add_argument("--upstream", action="append", required=True, help="NAME=HOST:PORT (give two)")
     args = parser.parse_args()
     upstreams = [tuple(item.split("=", 1)) for item in args.upstream]
-    asyncio.run(serve(args.port, upstreams, args.server))  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=EVENT_LOOPS[args.event_loop]) as runner:  # the balancer's default: uvloop
+        runner.run(serve(args.port, upstreams, args.server))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -9,7 +9,15 @@ from datetime import datetime
 
 from bench.profile import SAMPLE_RATE_HZ, Profile
 from bench.runs import FixedRateSample, SaturationSample, Settings, median
-from bench.stack import AIOHTTP_FLOOR_LABEL, FEATURE_BASELINE, FLOOR_LABEL, Target
+from bench.stack import (
+    AIOHTTP_FLOOR_LABEL,
+    ASYNCIO_LABEL,
+    FEATURE_BASELINE,
+    FLOOR_LABEL,
+    INTERPRETED_ASYNCIO_LABEL,
+    INTERPRETED_LABEL,
+    Target,
+)
 
 KIND_TITLES = {"noop": "No-op backends", "model": "Real model servers"}
 PROFILE_PLACEHOLDER = (
@@ -268,9 +276,17 @@ def _feature_section(results: BenchResults) -> str:
         lines.append(f"Sticky vs random assignment (both with logging + metrics): sticky "
                      f"{_signed(results.hop_cpu(full) - results.hop_cpu(random), 0)} µs/request, "
                      f"{_signed(_percent(results.rps(full), results.rps(random)) - 100, 1)} % throughput.\n")
+    for label, what in ((INTERPRETED_LABEL, "Compiled request path (mypyc) vs interpreted"),
+                        (ASYNCIO_LABEL, "uvloop vs asyncio's event loop"),
+                        (INTERPRETED_ASYNCIO_LABEL, "Both (the balancer as it ran before them)")):
+        other = results.target("noop", "balancer", label)
+        if other is not None:
+            lines.append(f"{what}: default {_signed(results.hop_cpu(full) - results.hop_cpu(other), 0)} µs/request, "
+                         f"{_signed(_percent(results.rps(full), results.rps(other)) - 100, 1)} % throughput.\n")
     return ("## Feature cost on the hot path\n\nNo-op backends, saturation; each configuration is its own balancer "
-            "process started from a generated YAML (`server: {record_outcomes, export_metrics}`, `strategy:`). "
-            "\"default\" is the sticky balancer of the table above.\n\n"
+            "process started from a generated YAML (`server: {record_outcomes, export_metrics}`, `strategy:`), "
+            "with `serve --event-loop` and `BALANCER_PURE_PYTHON=1` for the last three. "
+            "\"default\" is the sticky balancer of the table above: compiled, on uvloop.\n\n"
             f"| balancer configuration | req/s | vs {FEATURE_BASELINE} | CPU µs/req | Δ CPU µs/req |\n"
             "|---|---|---|---|---|\n" + "".join(rows) + "".join(lines))
 

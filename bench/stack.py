@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import urllib.request
@@ -41,6 +42,8 @@ class BalancerOptions:
     strategy: str = "sticky"
     record_outcomes: bool = True
     export_metrics: bool = True
+    event_loop: str = "uvloop"  # `serve --event-loop`
+    interpreted: bool = False  # BALANCER_PURE_PYTHON=1: the .py sources instead of the compiled modules
 
 
 KINDS = ("noop", "model")
@@ -49,12 +52,18 @@ FEATURE_BASELINE = "outcomes and metrics off"
 FLOOR_LABEL = "floor: the balancer's server + upstream client only"
 AIOHTTP_FLOOR_LABEL = "aiohttp floor: aiohttp's server + upstream client only"
 FLOOR_LABELS = {"balancer": FLOOR_LABEL, "aiohttp": AIOHTTP_FLOOR_LABEL}
+ASYNCIO_LABEL = "asyncio event loop"
+INTERPRETED_LABEL = "interpreted"
+INTERPRETED_ASYNCIO_LABEL = "interpreted, asyncio event loop"
 FEATURE_CONFIGURATIONS = (
     BalancerOptions("default"),
     BalancerOptions("outcomes off", record_outcomes=False),
     BalancerOptions("metrics off", export_metrics=False),
     BalancerOptions(FEATURE_BASELINE, record_outcomes=False, export_metrics=False),
     BalancerOptions("random", strategy="random"),
+    BalancerOptions(ASYNCIO_LABEL, event_loop="asyncio"),
+    BalancerOptions(INTERPRETED_LABEL, interpreted=True),
+    BalancerOptions(INTERPRETED_ASYNCIO_LABEL, interpreted=True, event_loop="asyncio"),
 )
 
 
@@ -135,8 +144,10 @@ class Stack:
         config.write_text(balancer_yaml(options, upstreams))
         port, admin_port = free_port(), free_port()
         command = [sys.executable, "-m", "balancer", "--log-level", "WARNING", "serve", "--config", str(config),
-                   "--port", str(port), "--admin-port", str(admin_port), "--store", str(self.workdir / f"{slug}.db")]
-        process = self._spawn(slug, command, f"http://{HOST}:{admin_port}/healthz")
+                   "--port", str(port), "--admin-port", str(admin_port), "--store", str(self.workdir / f"{slug}.db"),
+                   "--event-loop", options.event_loop]
+        environment = {"BALANCER_PURE_PYTHON": "1" if options.interpreted else ""}
+        process = self._spawn(slug, command, f"http://{HOST}:{admin_port}/healthz", environment)
         return Target(name=f"{kind} balancer" + ("" if options.label == "default" else f" ({options.label})"),
                       kind=kind, hop="balancer", url=f"http://{HOST}:{port}{PREDICT_PATH}",
                       proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
@@ -173,10 +184,12 @@ class Stack:
                 raise BenchError(f"{name} did not start ({exc}); its log {log} ends with:\n{tail(log)}") from exc
             logger.info("started %s (pid %d)", name, process.pid)
 
-    def _spawn(self, name: str, command: list[str], ready_url: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, command: list[str], ready_url: str,
+               environment: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as output:
-            process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                                       env={**os.environ, **(environment or {})})
         self._exit.callback(stop, process)
         self._pending.append((name, process, ready_url, log))
         return process

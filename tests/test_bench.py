@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import subprocess
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from bench.procstat import (
 from bench.profile import parse_collapsed
 from bench.report import BenchResults, evaluate_targets, render_report
 from bench.runs import QUICK, FixedRateSample, SaturationSample
-from bench.stack import FEATURE_CONFIGURATIONS, Target, balancer_yaml
+from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
 from bench.tools import ensure_tools, find_tool
 from bench.wrk import parse_wrk_output, wrk_command, wrk_environment
 
@@ -247,3 +248,18 @@ def test_the_instruction_harness_answers_every_request(kind: str, tmp_path: Path
 
 def test_lua_script_is_shipped_next_to_the_harness() -> None:
     assert Path(wrk_command("u", threads=1, connections=1, seconds=1)[-2]).is_file()
+
+
+def test_the_compiled_path_and_uvloop_are_compared_with_the_default() -> None:
+    results = _results()
+    for label, rps, cpu in ((INTERPRETED_LABEL, 800, 250), (ASYNCIO_LABEL, 900, 220)):
+        name = f"noop balancer ({label})"
+        results.targets.append(Target(name=name, kind="noop", hop="balancer", url="u"))
+        results.saturation[name] = results.saturation["noop balancer"][:0] + [
+            replace(results.saturation["noop balancer"][0], requests=rps * 10,
+                    proxy_cpu=CpuUsage(user_s=cpu * rps * 10 / 1e6, system_s=0.0))]
+        results.feature_labels.append(label)
+    report = render_report(results)
+    assert "Compiled request path (mypyc) vs interpreted: default -50 µs/request, +25.0 % throughput." in report
+    assert "uvloop vs asyncio's event loop: default -20 µs/request, +11.1 % throughput." in report
+    assert "Both (the balancer as it ran before them)" not in report  # not measured, not claimed
