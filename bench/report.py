@@ -318,13 +318,14 @@ def _bounds_section(results: BenchResults) -> str:
     return (
         "## What bounds the balancer\n\n"
         "CPU per proxied request at saturation (no-op backends, median over the rounds above), split by running "
-        "beside the balancer two floor processes (`bench/floor_proxy.py`): the balancer's own HTTP server "
-        "(`balancer/http_server.py`, httptools on `asyncio.Protocol`) and upstream client, answering from the "
+        "beside the balancer two floor processes (`bench/floor_proxy.py`, on uvloop like the balancer): the balancer's "
+        "own HTTP server (`balancer/http_server.py`, httptools on `asyncio.Protocol`, compiled like the rest of the "
+        "request path) and upstream client, answering from the "
         "upstream connection's callback as the balancer's fast path does, with no assignment, logging, metrics or "
         "header handling; and the same forwarding behind aiohttp's `web.Server`, which the public port ran on "
         "before.\n\n"
         "| layer | CPU µs/request | share of the balancer |\n|---|---|---|\n"
-        f"| server + asyncio + upstream client (the floor) | {_number(floor_cpu, 0)} | "
+        f"| server + event loop + upstream client (the floor) | {_number(floor_cpu, 0)} | "
         f"{_number(_percent(floor_cpu, full_cpu), 0)} % |\n"
         f"| &nbsp;&nbsp;of which in the kernel (loopback TCP, both sides' work on `send`) | {_number(floor_kernel, 0)} | "
         f"{_number(_percent(floor_kernel, full_cpu), 0)} % |\n"
@@ -337,8 +338,9 @@ def _bounds_section(results: BenchResults) -> str:
         f"| nginx, for scale | {_number(nginx_cpu, 0)} | |\n\n"
         f"The floor costs {_number(floor_cpu / 120 * 100, 0)} % of the 120 µs target on its own; aiohttp's server "
         f"would cost {_signed(aiohttp_cpu - floor_cpu, 0)} µs more per request. Each request makes two `send` and two "
-        "`recv` system calls, as nginx's does; the rest is CPython executing the event loop, the parsers' callbacks "
-        "and the balancer's logic. Several worker processes would raise throughput but not CPU per request.\n"
+        "`recv` system calls, as nginx's does; the rest is uvloop, httptools, the compiled request path and the CPython "
+        "object machinery (allocation, attribute and dictionary lookups) it still goes through. Several worker processes "
+        "would raise throughput but not CPU per request.\n"
     )
 
 
