@@ -22,13 +22,16 @@ from balancer import store
 
 logger = logging.getLogger(__name__)
 
-# A batch goes in as few statements as possible: each `execute` releases and retakes the GIL,
-# and every handoff stalls the event loop (sqlite3's executemany does it once per row). One
-# multi-row `INSERT ... VALUES (...), (...)` takes up to _ROWS_PER_STATEMENT rows: SQLite
-# allows 32,766 parameters since 3.32. `python -m bench.store_insert` compares the methods.
+# A batch goes in as multi-row `INSERT ... VALUES (...), (...)` statements of fixed sizes.
+# While a statement's parameters are bound the writer holds the GIL, and C code does not
+# hand it back: the event loop stalls for as long as that takes. So no statement binds
+# more than MAX_ROWS_PER_STATEMENT rows, and the other sizes are the powers of two below it,
+# whose prepared statements the connection caches (`python -m bench.store_insert`
+# compares the methods; `python -m bench.loop_stalls` measures the stalls).
 _ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(store.REQUEST_COLUMNS)) + ")"
 _INSERT_PREFIX = "INSERT OR IGNORE INTO requests ({}) VALUES ".format(", ".join(store.REQUEST_COLUMNS))
-_ROWS_PER_STATEMENT = 32_766 // len(store.REQUEST_COLUMNS)
+ROW_LIMIT = 32_766 // len(store.REQUEST_COLUMNS)  # rows of the largest statement SQLite accepts (32,766 parameters)
+MAX_ROWS_PER_STATEMENT = 256
 _UPSERT_FEEDBACK = "INSERT OR REPLACE INTO feedback (request_id, ts, value) VALUES (?, ?, ?)"
 _INSERT_CONFIG = (
     "INSERT OR REPLACE INTO configs (version, hash, ts, experiment, status, control, weights, body) "
@@ -39,10 +42,12 @@ _INSERT_CONFIG = (
 class EventLog:
     """Buffers request and feedback records and commits them from a writer thread."""
 
-    def __init__(self, path: str | Path, *, flush_interval_s: float = 0.2, recent_ids: int = 200_000) -> None:
+    def __init__(self, path: str | Path, *, flush_interval_s: float = 0.2, recent_ids: int = 200_000,
+                 max_rows_per_statement: int = MAX_ROWS_PER_STATEMENT) -> None:
         self.path = Path(path)
         self.flush_interval_s = flush_interval_s
-        self._connection = store.connect(self.path, cached_statements=8)
+        self._insert_statements = insert_statements(max_rows_per_statement)
+        self._connection = store.connect(self.path, cached_statements=len(self._insert_statements) + 8)
         self._reader = store.connect(self.path)
         self._requests: list[tuple[Any, ...]] = []
         self._feedback: list[tuple[str, float, float]] = []
@@ -125,7 +130,7 @@ class EventLog:
                 connection.executemany(_INSERT_CONFIG, configs)
             if requests:
                 before = connection.total_changes
-                insert_requests(connection, requests)
+                insert_requests(connection, requests, self._insert_statements)
                 inserted = connection.total_changes - before
                 self.duplicate_requests += len(requests) - inserted
             if feedback:
@@ -163,9 +168,22 @@ class EventLog:
         return len(self._requests) + len(self._feedback)
 
 
-def insert_requests(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """INSERT OR IGNORE `rows` (columns in `store.REQUEST_COLUMNS` order) in as few statements as possible."""
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        chunk = rows[start:start + _ROWS_PER_STATEMENT]
-        # Every batch size is a new statement text: the writer's connection does not cache them.
-        connection.execute(_INSERT_PREFIX + ",".join([_ROW_PLACEHOLDERS] * len(chunk)), list(chain.from_iterable(chunk)))
+def insert_statements(max_rows: int = MAX_ROWS_PER_STATEMENT) -> dict[int, str]:
+    """Rows -> INSERT statement, largest first: `max_rows`, then every power of two below it."""
+    if not 1 <= max_rows <= ROW_LIMIT:
+        raise ValueError(f"max_rows must be between 1 and {ROW_LIMIT}, got {max_rows}")
+    sizes = [max_rows] + [1 << power for power in range(max_rows.bit_length() - 1, -1, -1) if 1 << power < max_rows]
+    return {size: _INSERT_PREFIX + ",".join([_ROW_PLACEHOLDERS] * size) for size in sizes}
+
+
+_DEFAULT_INSERTS = insert_statements()
+
+
+def insert_requests(connection: sqlite3.Connection, rows: list[tuple[Any, ...]],
+                    statements: dict[int, str] = _DEFAULT_INSERTS) -> None:
+    """INSERT OR IGNORE `rows` (columns in `store.REQUEST_COLUMNS` order) with the fixed-size `statements`."""
+    start, count = 0, len(rows)
+    for size, statement in statements.items():
+        while count - start >= size:
+            connection.execute(statement, list(chain.from_iterable(rows[start:start + size])))
+            start += size

@@ -21,9 +21,11 @@ from typing import NoReturn
 from rich.console import Console
 
 from balancer import native
+from balancer.events import MAX_ROWS_PER_STATEMENT, ROW_LIMIT
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
 from bench.instructions import measure as count_instructions
+from bench.loop_stalls import measure as measure_stalls
 from bench.nginx import nginx_command
 from bench.profile import record_profile
 from bench.report import BenchResults, evaluate_targets, render_report
@@ -131,6 +133,9 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
         elif not succeeded:
             logger.info("work folder kept for its logs: %s", workdir)
     results.report_requests, results.report_seconds = _time_report(quick)
+    logger.info("measuring event-loop stalls from the outcome log (bench/loop_stalls.py)")
+    results.loop_stalls = [measure_stalls(rows, rate=5000, seconds=3 if quick else 6)
+                           for rows in (MAX_ROWS_PER_STATEMENT, ROW_LIMIT)]
     logger.info("counting instructions per request with valgrind (bench/instructions.py)")
     try:
         results.instructions = count_instructions(list(INSTRUCTION_KINDS))

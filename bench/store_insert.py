@@ -1,9 +1,9 @@
-"""CPU per stored request record, for three ways of inserting a batch into the outcome store.
+"""CPU per stored request record, for the ways of inserting a batch into the outcome store.
 
     python -m bench.store_insert [--rows 60000] [--batch 1200]
 
-The outcome log's writer thread uses the first (`balancer.events`); the other two are what
-it replaced. Each method writes the same synthetic rows into a fresh store, in batches of one
+The outcome log's writer thread uses the first (`balancer.events`); the others are what it
+replaced. Each method writes the same synthetic rows into a fresh store, in batches of one
 transaction each, as the writer does; the figure is process CPU seconds per row.
 """
 
@@ -36,9 +36,17 @@ def _executemany(connection: sqlite3.Connection, rows: list[Row]) -> None:
     connection.executemany(_ONE_ROW, rows)
 
 
+_WHOLE_BATCH = events.insert_statements(events.ROW_LIMIT)
+
+
+def _whole_batch(connection: sqlite3.Connection, rows: list[Row]) -> None:
+    events.insert_requests(connection, rows, _WHOLE_BATCH)
+
+
 METHODS: dict[str, Callable[[sqlite3.Connection, list[Row]], None]] = {
-    "multi-row VALUES, one statement per batch (used)": events.insert_requests,
-    "one JSON parameter + json_each (before)": _json_each,
+    f"multi-row VALUES, cached statements of at most {events.MAX_ROWS_PER_STATEMENT} rows (used)": events.insert_requests,
+    "multi-row VALUES, one statement per batch (before)": _whole_batch,
+    "one JSON parameter + json_each (before that)": _json_each,
     "executemany": _executemany,
 }
 

@@ -263,3 +263,24 @@ def test_the_compiled_path_and_uvloop_are_compared_with_the_default() -> None:
     assert "Compiled request path (mypyc) vs interpreted: default -50 µs/request, +25.0 % throughput." in report
     assert "uvloop vs asyncio's event loop: default -20 µs/request, +11.1 % throughput." in report
     assert "Both (the balancer as it ran before them)" not in report  # not measured, not claimed
+
+
+def test_loop_stalls_render_per_statement_size_and_mark_the_one_used() -> None:
+    from balancer.events import MAX_ROWS_PER_STATEMENT, ROW_LIMIT
+    from bench.loop_stalls import Stalls
+
+    results = _results()
+    results.loop_stalls = [Stalls(max_rows=MAX_ROWS_PER_STATEMENT, rows=30_000, seconds=6.0, gaps=[0.0012, 0.0030]),
+                           Stalls(max_rows=ROW_LIMIT, rows=30_000, seconds=6.0, gaps=[0.002] * 30)]
+    report = render_report(results)
+    assert "`python -m bench.loop_stalls --rate 5000 --seconds 6`" in report
+    assert f"| {MAX_ROWS_PER_STATEMENT} (used) | 2 | 3.00 | 3.00 | 0.07 % |" in report
+    assert f"| {ROW_LIMIT:,} | 30 | 2.00 | 2.00 | 1.00 % |" in report
+
+
+def test_loop_stalls_are_measured_against_a_real_outcome_log() -> None:
+    from bench.loop_stalls import measure
+
+    stalls = measure(64, rate=2000, seconds=0.5)  # measure() checks every row reached the store
+    assert stalls.rows == pytest.approx(1000, abs=5)
+    assert all(gap > 0.001 for gap in stalls.gaps)
