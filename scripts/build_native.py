@@ -34,8 +34,8 @@ def main() -> None:
         if missing and os.environ.get("BALANCER_REQUIRE_NATIVE", "") not in ("", "0"):
             raise SystemExit(f"cannot compile the request path: {missing} (BALANCER_REQUIRE_NATIVE is set)")
         if missing:
-            print(f"warning: not compiling the request path ({missing}); it runs interpreted, slower: see BENCHMARKS.md",
-                  file=sys.stderr)
+            print(f"warning: not compiling the request path ({missing}); unless an earlier build of the same sources "
+                  "is present, it runs interpreted, which is slower: see BENCHMARKS.md", file=sys.stderr)
         else:
             native.build()
     print(f"balancer request path: {native.decide(native.PACKAGE_DIR, os.environ)[1]}")

@@ -104,3 +104,17 @@ def test_an_edit_after_the_build_never_runs_the_stale_extension(tmp_path: Path) 
     edited = subprocess.run([sys.executable, "-c", "import balancer.hop_headers as h; print(h.EDITED)"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=60)
     assert edited.stdout.strip() == "True", edited.stderr
+
+
+@pytest.mark.parametrize("required", ["", "1"])
+def test_without_a_compiler_the_build_warns_or_fails_as_asked(required: str) -> None:
+    script = REPO / "scripts" / "build_native.py"
+    env = {**os.environ, "CC": "no-such-compiler", "BALANCER_REQUIRE_NATIVE": required}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    if required:
+        assert result.returncode == 1
+        assert "cannot compile the request path: no C compiler ('no-such-compiler' is not on PATH" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "warning: not compiling the request path (no C compiler" in result.stderr
+        assert result.stdout.startswith("balancer request path: ")
