@@ -35,10 +35,16 @@ COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "a
                     "upstreams", "runtime")
 MANIFEST = "native.json"
 GROUP = f"{PACKAGE}.native_group"  # one shared library: calls between the modules stay native
-PURE_ENVIRONMENT = "BALANCER_PURE_PYTHON"
+PURE_ENVIRONMENT = "BALANCER_PURE_PYTHON"  # set: run the sources even where a build is current
+REQUIRE_ENVIRONMENT = "BALANCER_REQUIRE_NATIVE"  # set: a build that cannot happen is an error, not a warning
 
 MODE = "interpreted (not built)"
 """How the request path runs in this process: "compiled", or "interpreted (reason)"."""
+
+
+def is_set(environ: Mapping[str, str], name: str) -> bool:
+    """Whether a switch like BALANCER_PURE_PYTHON is on: set, and neither empty nor "0"."""
+    return environ.get(name, "") not in ("", "0")
 
 
 def source_digests(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
@@ -56,7 +62,7 @@ def decide(package_dir: Path, environ: Mapping[str, str]) -> tuple[bool, str]:
     """(use the compiled modules?, the mode to report): compiled only when built from these exact sources."""
     if not extensions(package_dir):
         return False, "interpreted (not built: make native)"
-    if environ.get(PURE_ENVIRONMENT, "") not in ("", "0"):
+    if is_set(environ, PURE_ENVIRONMENT):
         return False, f"interpreted ({PURE_ENVIRONMENT} is set)"
     try:
         built = json.loads((package_dir / MANIFEST).read_text())

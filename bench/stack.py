@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from balancer import native
 from balancer.config import parse_experiment
 from bench.errors import BenchError
 from bench.nginx import nginx_command, render_nginx_config, write_nginx_prefix
@@ -146,7 +147,7 @@ class Stack:
         command = [sys.executable, "-m", "balancer", "--log-level", "WARNING", "serve", "--config", str(config),
                    "--port", str(port), "--admin-port", str(admin_port), "--store", str(self.workdir / f"{slug}.db"),
                    "--event-loop", options.event_loop]
-        environment = {"BALANCER_PURE_PYTHON": "1" if options.interpreted else ""}
+        environment = {native.PURE_ENVIRONMENT: "1" if options.interpreted else ""}
         process = self._spawn(slug, command, f"http://{HOST}:{admin_port}/healthz", environment)
         return Target(name=f"{kind} balancer" + ("" if options.label == "default" else f" ({options.label})"),
                       kind=kind, hop="balancer", url=f"http://{HOST}:{port}{PREDICT_PATH}",

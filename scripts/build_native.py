@@ -31,8 +31,8 @@ def main() -> None:
     compiled, _ = native.decide(native.PACKAGE_DIR, {})
     if not args.status and not (args.if_stale and compiled):
         missing = _missing_tools()
-        if missing and os.environ.get("BALANCER_REQUIRE_NATIVE", "") not in ("", "0"):
-            raise SystemExit(f"cannot compile the request path: {missing} (BALANCER_REQUIRE_NATIVE is set)")
+        if missing and native.is_set(os.environ, native.REQUIRE_ENVIRONMENT):
+            raise SystemExit(f"cannot compile the request path: {missing} ({native.REQUIRE_ENVIRONMENT} is set)")
         if missing:
             print(f"warning: not compiling the request path ({missing}); unless an earlier build of the same sources "
                   "is present, it runs interpreted, which is slower: see BENCHMARKS.md", file=sys.stderr)

@@ -77,11 +77,11 @@ def _imported_from(environment: dict[str, str], pythonpath: Path = REPO) -> tupl
 
 def _require_build() -> None:
     """Skip where nothing was compiled (no C compiler), except under BALANCER_REQUIRE_NATIVE=1 (CI)."""
-    if native.decide(native.PACKAGE_DIR, {})[0]:
+    compiled, reason = native.decide(native.PACKAGE_DIR, {})
+    if compiled:
         return
-    reason = native.decide(native.PACKAGE_DIR, {})[1]
-    if os.environ.get("BALANCER_REQUIRE_NATIVE", "") not in ("", "0"):
-        pytest.fail(f"BALANCER_REQUIRE_NATIVE is set but the request path is {reason}")
+    if native.is_set(os.environ, native.REQUIRE_ENVIRONMENT):
+        pytest.fail(f"{native.REQUIRE_ENVIRONMENT} is set but the request path is {reason}")
     pytest.skip(f"the request path is {reason}")
 
 
@@ -109,7 +109,7 @@ def test_an_edit_after_the_build_never_runs_the_stale_extension(tmp_path: Path) 
 @pytest.mark.parametrize("required", ["", "1"])
 def test_without_a_compiler_the_build_warns_or_fails_as_asked(required: str) -> None:
     script = REPO / "scripts" / "build_native.py"
-    env = {**os.environ, "CC": "no-such-compiler", "BALANCER_REQUIRE_NATIVE": required}
+    env = {**os.environ, "CC": "no-such-compiler", native.REQUIRE_ENVIRONMENT: required}
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
     if required:
         assert result.returncode == 1
