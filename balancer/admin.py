@@ -70,12 +70,15 @@ async def _require_token(request: web.Request, handler: Any) -> web.StreamRespon
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Alive, with the active version, how many records await a flush, and how the request path runs."""
+    """Alive, with the active version, the outcome log's state, and how the request path runs."""
     runtime = request.app[RUNTIME_KEY]
+    events = request.app[EVENTS_KEY]
     assert runtime.active is not None
     loop_module = type(asyncio.get_running_loop()).__module__
     return web.json_response({
-        "status": "ok", "version": runtime.active.version, "pending_records": request.app[EVENTS_KEY].pending,
+        "status": "ok", "version": runtime.active.version, "pending_records": events.pending,
+        "rejected_records": events.rejected_records, "store_writer_restarts": events.writer_restarts,
+        "store_error": events.last_error,
         "event_loop": "uvloop" if loop_module.startswith("uvloop") else "asyncio", "request_path": native.MODE,
     })
 

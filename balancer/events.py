@@ -1,54 +1,54 @@
-"""The durable outcome log: request records and feedback, written in batches off the event loop.
+"""The durable outcome log: request records and feedback, queued on the event loop, committed by a writer process.
 
-The event loop only appends tuples to in-memory lists (no I/O, no locks). A writer
-thread swaps the lists every `flush_interval_s` and commits them to SQLite in one
-transaction. A crash (kill -9) loses at most the records of the last flush window;
-`close()` flushes everything.
+The event loop only appends tuples to in-memory lists (no I/O, no locks). A sender thread
+swaps the lists every `flush_interval_s` and hands them to the store's writer process
+(`balancer.store_writer`), which commits each batch in one SQLite transaction and answers
+with what it stored. SQLite's work, and the GIL it holds while binding parameters, stays
+out of the balancer's process. A crash of the balancer (kill -9) loses at most the records
+of the last flush window; the writer still commits every batch it was sent. A writer that
+dies is restarted and its unanswered batch sent again. `close()` flushes everything.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
+import marshal
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
-from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from balancer import store
+from balancer import store, store_writer
 
 logger = logging.getLogger(__name__)
 
-# A batch goes in as multi-row `INSERT ... VALUES (...), (...)` statements of fixed sizes.
-# While a statement's parameters are bound the writer holds the GIL, and C code does not
-# hand it back: the event loop stalls for as long as that takes. So no statement binds
-# more than MAX_ROWS_PER_STATEMENT rows, and the other sizes are the powers of two below it,
-# whose prepared statements the connection caches (`python -m bench.store_insert`
-# compares the methods; `python -m bench.loop_stalls` measures the stalls).
-_ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(store.REQUEST_COLUMNS)) + ")"
-_INSERT_PREFIX = "INSERT OR IGNORE INTO requests ({}) VALUES ".format(", ".join(store.REQUEST_COLUMNS))
-ROW_LIMIT = 32_766 // len(store.REQUEST_COLUMNS)  # rows of the largest statement SQLite accepts (32,766 parameters)
-MAX_ROWS_PER_STATEMENT = 256
-_UPSERT_FEEDBACK = "INSERT OR REPLACE INTO feedback (request_id, ts, value) VALUES (?, ?, ?)"
-_INSERT_CONFIG = (
-    "INSERT OR REPLACE INTO configs (version, hash, ts, experiment, status, control, weights, body) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
+# Request rows go to the writer in frames of this many: serializing one holds the GIL, so
+# the event loop waits at most one frame's worth (tens of microseconds), not a whole batch's.
+ROWS_PER_FRAME = 256
+WRITER_STOP_TIMEOUT_S = 30.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class WriterGone(Exception):
+    """The writer process ended or its pipe broke before answering a batch."""
 
 
 class EventLog:
-    """Buffers request and feedback records and commits them from a writer thread."""
+    """Buffers request and feedback records; a sender thread hands them to the store's writer process."""
 
     def __init__(self, path: str | Path, *, flush_interval_s: float = 0.2, recent_ids: int = 200_000,
-                 max_rows_per_statement: int = MAX_ROWS_PER_STATEMENT) -> None:
+                 max_rows_per_statement: int = store_writer.MAX_ROWS_PER_STATEMENT) -> None:
         self.path = Path(path)
         self.flush_interval_s = flush_interval_s
-        self._insert_statements = insert_statements(max_rows_per_statement)
-        self._connection = store.connect(self.path, cached_statements=len(self._insert_statements) + 8)
-        self._reader = store.connect(self.path)
+        store_writer.insert_statements(max_rows_per_statement)  # a bad size fails here, not in the writer
+        self._max_rows_per_statement = max_rows_per_statement
+        self._reader = store.connect(self.path)  # creates the schema: a store that cannot be opened fails here
+        self._process: subprocess.Popen[bytes] | None = None
         self._requests: list[tuple[Any, ...]] = []
         self._feedback: list[tuple[str, float, float]] = []
         self._configs: list[tuple[Any, ...]] = []
@@ -60,9 +60,11 @@ class EventLog:
         self.written_requests = 0
         self.written_feedback = 0
         self.duplicate_requests = 0
+        self.rejected_records = 0
+        self.writer_restarts = 0
         self.last_error: str | None = None
-        self._writer = threading.Thread(target=self._run, name="event-log-writer", daemon=True)
-        self._writer.start()
+        self._sender = threading.Thread(target=self._run, name="event-log-sender", daemon=True)
+        self._sender.start()
 
     # hot path: called on the event loop, no I/O
     def record_request(self, row: tuple[Any, ...]) -> None:
@@ -113,35 +115,97 @@ class EventLog:
             if not (requests or feedback or configs):
                 return
             try:
-                self._write(requests, feedback, configs)
-            except sqlite3.Error as exc:
+                inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
+            except ValueError:
+                # A record marshal cannot carry (not a plain str/int/float/None): the batch stopped
+                # half-sent, so the writer, which wrote nothing of it, is replaced; the other
+                # records go again with the next flush.
+                self._stop_writer()
+                requests, feedback, configs = (self._drop_unsendable(table, rows) for table, rows in
+                                               (("requests", requests), ("feedback", feedback), ("configs", configs)))
+                error = "a record could not be sent to the store writer"
+            except (WriterGone, OSError) as exc:
+                error = f"the store writer failed: {exc}"
+                self._stop_writer()
+            if error is not None:
                 # Keep the batch for the next attempt rather than lose it.
-                self.last_error = str(exc)
-                logger.error("writing %d records to %s failed: %s; will retry", len(requests) + len(feedback), self.path, exc)
+                self.last_error = error
+                logger.error("writing %d records to %s failed: %s; will retry", len(requests) + len(feedback), self.path, error)
                 self._requests[:0] = requests
                 self._feedback[:0] = feedback
                 self._configs[:0] = configs
+                return
+            rejected_requests = sum(1 for table, _, _ in rejected if table == "requests")
+            self.written_requests += len(requests) - rejected_requests
+            self.duplicate_requests += len(requests) - rejected_requests - inserted
+            self.written_feedback += written_feedback
+            self.rejected_records += len(rejected)
+            self.last_error = None
+            for table, record, reason in rejected:
+                logger.error("the store refused a %s record and it was dropped: %s: %s", table, reason, record)
+            if rejected:
+                self.last_error = f"{len(rejected)} records refused by the store, last: {rejected[-1][2]}"
 
-    def _write(self, requests: list[tuple[Any, ...]], feedback: list[tuple[str, float, float]], configs: list[tuple[Any, ...]]) -> None:
-        connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")
+    def _drop_unsendable(self, table: str, rows: list[Any]) -> list[Any]:
+        """The rows marshal can carry; the others are logged and counted as rejected."""
+        kept = []
+        for row in rows:
+            try:
+                marshal.dumps(row)
+            except ValueError as exc:
+                self.rejected_records += 1
+                logger.error("a %s record cannot be stored and was dropped: %s: %r", table, exc, row)
+            else:
+                kept.append(row)
+        return kept
+
+    def _exchange(self, requests: list[tuple[Any, ...]], feedback: list[tuple[str, float, float]],
+                  configs: list[tuple[Any, ...]]) -> tuple[int, int, list[tuple[str, str, str]], str | None]:
+        """Send one batch to the writer and wait for its answer (the pipe I/O lets the event loop run)."""
+        process = self._writer_process()
+        assert process.stdin is not None and process.stdout is not None
+        chunks = range(0, len(requests), ROWS_PER_FRAME)
         try:
-            if configs:
-                connection.executemany(_INSERT_CONFIG, configs)
-            if requests:
-                before = connection.total_changes
-                insert_requests(connection, requests, self._insert_statements)
-                inserted = connection.total_changes - before
-                self.duplicate_requests += len(requests) - inserted
-            if feedback:
-                connection.executemany(_UPSERT_FEEDBACK, feedback)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        self.written_requests += len(requests)
-        self.written_feedback += len(feedback)
-        self.last_error = None
+            store_writer.write_frame(process.stdin, (len(chunks), feedback, configs))
+            for start in chunks:
+                store_writer.write_frame(process.stdin, requests[start:start + ROWS_PER_FRAME])
+            process.stdin.flush()
+            inserted, written_feedback, rejected, error = store_writer.read_frame(process.stdout)
+        except (BrokenPipeError, EOFError) as exc:
+            raise WriterGone(f"{exc} (exit status {process.poll()})") from exc
+        return inserted, written_feedback, rejected, error
+
+    def _writer_process(self) -> subprocess.Popen[bytes]:
+        """The running writer, started (again) if needed."""
+        if self._process is not None and self._process.poll() is None:
+            return self._process
+        if self._process is not None:
+            self.writer_restarts += 1
+            logger.warning("the store writer for %s ended (exit status %s); starting another",
+                           self.path, self._process.returncode)
+            self._stop_writer()
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, environment.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "balancer.store_writer", "--store", str(self.path),
+             "--max-rows-per-statement", str(self._max_rows_per_statement)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
+        )
+        return self._process
+
+    def _stop_writer(self) -> None:
+        """Close the writer's pipes and reap it (it exits once its stdin ends)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        for stream in (process.stdin, process.stdout):
+            _close_quietly(stream)
+        try:
+            process.wait(timeout=WRITER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.error("the store writer for %s did not stop in %gs; killing it", self.path, WRITER_STOP_TIMEOUT_S)
+            process.kill()
+            process.wait()
 
     def _run(self) -> None:
         while not self._stopping:
@@ -157,9 +221,10 @@ class EventLog:
         """Stop the writer and flush everything still buffered."""
         self._stopping = True
         self._wake.set()
-        self._writer.join(timeout=30)
+        self._sender.join(timeout=30)
         self.flush()
-        self._connection.close()
+        with self._flush_lock:
+            self._stop_writer()
         self._reader.close()
 
     @property
@@ -168,22 +233,9 @@ class EventLog:
         return len(self._requests) + len(self._feedback)
 
 
-def insert_statements(max_rows: int = MAX_ROWS_PER_STATEMENT) -> dict[int, str]:
-    """Rows -> INSERT statement, largest first: `max_rows`, then every power of two below it."""
-    if not 1 <= max_rows <= ROW_LIMIT:
-        raise ValueError(f"max_rows must be between 1 and {ROW_LIMIT}, got {max_rows}")
-    sizes = [max_rows] + [1 << power for power in range(max_rows.bit_length() - 1, -1, -1) if 1 << power < max_rows]
-    return {size: _INSERT_PREFIX + ",".join([_ROW_PLACEHOLDERS] * size) for size in sizes}
-
-
-_DEFAULT_INSERTS = insert_statements()
-
-
-def insert_requests(connection: sqlite3.Connection, rows: list[tuple[Any, ...]],
-                    statements: dict[int, str] = _DEFAULT_INSERTS) -> None:
-    """INSERT OR IGNORE `rows` (columns in `store.REQUEST_COLUMNS` order) with the fixed-size `statements`."""
-    start, count = 0, len(rows)
-    for size, statement in statements.items():
-        while count - start >= size:
-            connection.execute(statement, list(chain.from_iterable(rows[start:start + size])))
-            start += size
+def _close_quietly(stream: IO[bytes] | None) -> None:
+    if stream is not None:
+        try:
+            stream.close()
+        except OSError:
+            pass

@@ -21,10 +21,10 @@ from typing import NoReturn
 from rich.console import Console
 
 from balancer import native
-from balancer.events import MAX_ROWS_PER_STATEMENT, ROW_LIMIT
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
 from bench.instructions import measure as count_instructions
+from bench.loop_stalls import WRITERS
 from bench.loop_stalls import measure as measure_stalls
 from bench.nginx import nginx_command
 from bench.profile import record_profile
@@ -38,8 +38,10 @@ from bench.runs import (
     measure_saturation,
     median,
     openloop_command,
+    paired_ratios,
 )
 from bench.stack import (
+    FEATURE_BASELINE,
     FEATURE_CONFIGURATIONS,
     FLOOR_LABEL,
     KINDS,
@@ -110,6 +112,11 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 saturate(target, seconds=settings.warmup_s)
             saturation = interleaved(saturation_targets, settings.rounds, saturate, pause_s=settings.pause_s,
                                      what="saturation")
+            by_name = {target.name: target for target in saturation_targets}
+            logger.info("measuring the cost of outcome logging + metrics in %d back-to-back pairs", settings.cost_pairs)
+            cost_ratios = paired_ratios(
+                by_name["noop balancer"], by_name[f"noop balancer ({FEATURE_BASELINE})"], settings.cost_pairs,
+                partial(saturate, seconds=settings.cost_pair_s), pause_s=settings.pause_s)
             rates = {target.kind: median([s.requests_per_second for s in saturation[target.name]]) / 2
                      for target in latency_targets if target.hop == "balancer"}
             fixed_rate = interleaved(
@@ -123,6 +130,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 started=started, seconds=0.0,
                 commands=_commands(latency_targets, settings, rates, body_file, workdir),
                 feature_labels=[options.label for options in FEATURE_CONFIGURATIONS] + [FLOOR_LABEL],
+                cost_ratios=cost_ratios,
             )
             if profile:
                 _add_profile(results, settings, body_file, tools["wrk"], workdir)
@@ -134,8 +142,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
             logger.info("work folder kept for its logs: %s", workdir)
     results.report_requests, results.report_seconds = _time_report(quick)
     logger.info("measuring event-loop stalls from the outcome log (bench/loop_stalls.py)")
-    results.loop_stalls = [measure_stalls(rows, rate=5000, seconds=3 if quick else 6)
-                           for rows in (MAX_ROWS_PER_STATEMENT, ROW_LIMIT)]
+    results.loop_stalls = [measure_stalls(writer, rate=5000, seconds=3 if quick else 6) for writer in WRITERS]
     logger.info("counting instructions per request with valgrind (bench/instructions.py)")
     try:
         results.instructions = count_instructions(list(INSTRUCTION_KINDS))

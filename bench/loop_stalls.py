@@ -1,14 +1,15 @@
-"""How long the outcome log's writer thread stalls the event loop, by rows per INSERT statement.
+"""How long the outcome log stalls the event loop: SQLite in a writer process (used) against a writer thread.
 
-    python -m bench.loop_stalls [--rate 5000] [--seconds 6] [--rows 256 2978]
+    python -m bench.loop_stalls [--rate 5000] [--seconds 6]
 
-While SQLite binds a statement's parameters, the writer thread holds the GIL and C code does
-not hand it back, so the event loop cannot run: every request waiting on it is delayed. This
-runs an event loop that records a request row at `--rate` rows per second into a real
-`EventLog` (flushing every 0.2 s, as the balancer does) and otherwise spins, noting every gap
-between two of its iterations. A gap over 1 ms is a stall. Each `--rows` value is one run with
-that many rows per statement at most (`EventLog(max_rows_per_statement=...)`); the largest
-SQLite accepts is `balancer.events.ROW_LIMIT`.
+While Python's sqlite3 binds a statement's parameters it holds the GIL, and C code does not
+hand it back, so when that happens in the balancer's process the event loop cannot run: every
+request waiting on it is delayed. The balancer therefore commits from a writer process
+(`balancer.store_writer`); in its own process only serializing a frame of rows holds the GIL.
+This runs an event loop that records a request row at `--rate` rows per second and otherwise
+spins, noting every gap between two of its iterations; a gap over 1 ms is a stall. One run
+goes through the real `EventLog`, one through a thread in the same process calling the same
+`StoreWriter` every 0.2 s (how the balancer wrote before).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from balancer.events import ROW_LIMIT, EventLog
+import threading
+from typing import Any, Protocol
+
+from balancer import store
+from balancer.events import EventLog
+from balancer.store_writer import StoreWriter
 
 STALL_S = 0.001
 
@@ -29,7 +35,7 @@ STALL_S = 0.001
 class Stalls:
     """Event-loop gaps over STALL_S in one run."""
 
-    max_rows: int
+    writer: str  # one of WRITERS
     rows: int
     seconds: float
     gaps: list[float]  # every gap over STALL_S, in seconds
@@ -52,7 +58,53 @@ def _row(index: int, now: float) -> tuple[object, ...]:
             "model_a" if index % 2 else "model_b", "127.0.0.1:9101", "sticky", f"user-{index % 1000}", 200, 1.25, None)
 
 
-async def _spin(log: EventLog, rate: float, seconds: float) -> tuple[int, list[float]]:
+WRITERS = ("writer process", "writer thread")
+FLUSH_INTERVAL_S = 0.2
+
+
+class _Log(Protocol):
+    written_requests: int
+
+    def record_request(self, row: tuple[Any, ...]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadWriter:
+    """The outcome log as it was: a thread in the balancer's process commits every FLUSH_INTERVAL_S."""
+
+    def __init__(self, path: Path) -> None:
+        self.writer = StoreWriter(store.connect(path))
+        self.rows: list[tuple[Any, ...]] = []
+        self.written_requests = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def record_request(self, row: tuple[Any, ...]) -> None:
+        """Queue a row (on the event loop)."""
+        self.rows.append(row)
+
+    def _flush(self) -> None:
+        rows, self.rows = self.rows, []
+        outcome = self.writer.write(rows, [], [])
+        if outcome.error is not None:
+            raise RuntimeError(outcome.error)
+        self.written_requests += outcome.inserted
+
+    def _run(self) -> None:
+        while not self.stopping.wait(FLUSH_INTERVAL_S):
+            self._flush()
+
+    def close(self) -> None:
+        """Stop the thread and commit the rest."""
+        self.stopping.set()
+        self.thread.join()
+        self._flush()
+        self.writer.connection.close()
+
+
+async def _spin(log: _Log, rate: float, seconds: float) -> tuple[int, list[float]]:
     """Record rows at `rate` for `seconds`, spinning the loop; (rows recorded, gaps over STALL_S)."""
     gaps: list[float] = []
     start = last = time.perf_counter()
@@ -69,28 +121,30 @@ async def _spin(log: EventLog, rate: float, seconds: float) -> tuple[int, list[f
     return recorded, gaps
 
 
-def measure(max_rows: int, rate: float, seconds: float) -> Stalls:
-    """One run into a fresh store."""
+def measure(writer: str, rate: float, seconds: float) -> Stalls:
+    """One run into a fresh store with `writer` (one of WRITERS)."""
+    if writer not in WRITERS:
+        raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
     with tempfile.TemporaryDirectory(prefix="bench-stalls-") as folder:
-        log = EventLog(Path(folder) / "outcomes.db", flush_interval_s=0.2, max_rows_per_statement=max_rows)
+        path = Path(folder) / "outcomes.db"
+        log: _Log = EventLog(path, flush_interval_s=FLUSH_INTERVAL_S) if writer == WRITERS[0] else ThreadWriter(path)
         try:
             rows, gaps = asyncio.run(_spin(log, rate, seconds))
         finally:
             log.close()
         if log.written_requests != rows:
             raise AssertionError(f"stored {log.written_requests} of {rows} rows")
-    return Stalls(max_rows=max_rows, rows=rows, seconds=seconds, gaps=gaps)
+    return Stalls(writer=writer, rows=rows, seconds=seconds, gaps=gaps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=5000.0, help="rows recorded per second")
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--rows", type=int, nargs="+", default=[256, ROW_LIMIT], help="rows per statement, one run each")
     args = parser.parse_args()
-    for max_rows in args.rows:
-        stalls = measure(max_rows, args.rate, args.seconds)
-        print(f"{max_rows:5d} rows/statement: {len(stalls.gaps)} stalls over {STALL_S * 1000:g} ms in {stalls.seconds:g} s "
+    for writer in WRITERS:
+        stalls = measure(writer, args.rate, args.seconds)
+        print(f"{writer:15s}: {len(stalls.gaps)} stalls over {STALL_S * 1000:g} ms in {stalls.seconds:g} s "
               f"({stalls.rows} rows), p50 {stalls.percentile(0.5) * 1000:.2f} ms, max {stalls.percentile(1.0) * 1000:.2f} ms, "
               f"{stalls.stalled_share * 100:.2f} % of the time")
 

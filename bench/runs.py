@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import subprocess
 import sys
@@ -36,10 +37,33 @@ class Settings:
     rate_connections: int = 32
     users: int = 1000
     pause_s: float = 0.5
+    cost_pairs: int = 10  # back-to-back saturation pairs, default vs outcomes and metrics off
+    cost_pair_s: float = 3.0
 
 
 FULL = Settings(rounds=5, saturation_s=4, fixed_rate_s=4, warmup_s=0.5)
-QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5)
+QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5, cost_pairs=2)
+
+
+def paired_ratios(first: Target, second: Target, pairs: int, measure: Callable[[Target], SaturationSample], *,
+                  pause_s: float) -> list[float]:
+    """Throughput of `first` over `second`, measured back to back `pairs` times (alternating which goes first).
+
+    Rounds of every configuration take about a minute each, and the machine's speed drifts in
+    that time; a pair measured seconds apart shares its conditions, so the ratio within a pair
+    is steadier than a ratio of the two configurations' medians over rounds.
+    """
+    ratios = []
+    for index in range(pairs):
+        order = (first, second) if index % 2 == 0 else (second, first)
+        samples = {}
+        for target in order:
+            samples[target.name] = measure(target)
+            time.sleep(pause_s)
+        ratio = samples[first.name].requests_per_second / samples[second.name].requests_per_second
+        logger.info("pair %d/%d: %s / %s = %.3f", index + 1, pairs, first.name, second.name, ratio)
+        ratios.append(ratio)
+    return ratios
 
 
 @dataclass(frozen=True)
@@ -139,7 +163,10 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
     if completed.returncode != 0:
         raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
-    latency = summary["latency_ms"]
+    # A run with no answers has no percentiles: the client prints null, the report shows NaN.
+    latency = {key: math.nan if value is None else value for key, value in summary["latency_ms"].items()}
+    if summary["late_ms_p99"] is None:
+        summary["late_ms_p99"] = math.nan
     return FixedRateSample(rate=summary["rate"], achieved_rps=summary["achieved_rps"], completed=summary["completed"],
                            errors=summary["errors"], queued=summary["queued"], p50_ms=latency["p50"],
                            p99_ms=latency["p99"], p999_ms=latency["p99.9"], late_ms_p99=summary["late_ms_p99"],

@@ -2,7 +2,7 @@
 
     python -m bench.store_insert [--rows 60000] [--batch 1200]
 
-The outcome log's writer thread uses the first (`balancer.events`); the others are what it
+The outcome store's writer process uses the first (`balancer.store_writer`); the others are what it
 replaced. Each method writes the same synthetic rows into a fresh store, in batches of one
 transaction each, as the writer does; the figure is process CPU seconds per row.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from balancer import events, store
+from balancer import store, store_writer
 
 Row = tuple[Any, ...]
 _COLUMNS = ", ".join(store.REQUEST_COLUMNS)
@@ -36,15 +36,15 @@ def _executemany(connection: sqlite3.Connection, rows: list[Row]) -> None:
     connection.executemany(_ONE_ROW, rows)
 
 
-_WHOLE_BATCH = events.insert_statements(events.ROW_LIMIT)
+_WHOLE_BATCH = store_writer.insert_statements(store_writer.ROW_LIMIT)
 
 
 def _whole_batch(connection: sqlite3.Connection, rows: list[Row]) -> None:
-    events.insert_requests(connection, rows, _WHOLE_BATCH)
+    store_writer.insert_requests(connection, rows, _WHOLE_BATCH)
 
 
 METHODS: dict[str, Callable[[sqlite3.Connection, list[Row]], None]] = {
-    f"multi-row VALUES, cached statements of at most {events.MAX_ROWS_PER_STATEMENT} rows (used)": events.insert_requests,
+    f"multi-row VALUES, cached statements of at most {store_writer.MAX_ROWS_PER_STATEMENT} rows (used)": store_writer.insert_requests,
     "multi-row VALUES, one statement per batch (before)": _whole_batch,
     "one JSON parameter + json_each (before that)": _json_each,
     "executemany": _executemany,

@@ -1,18 +1,27 @@
-"""The benchmark harness's pure parts: wrk output, CPU accounting, nginx config, report. No load is generated."""
+"""The benchmark harness: wrk output, CPU accounting, nginx config, report; the fixed-rate client on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
+import re
 import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from balancer import native
 from balancer.config import parse_experiment
-from bench import tools
+from bench import openloop, tools
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
 from bench.instructions import drive
@@ -22,7 +31,6 @@ from bench.nginx import (
     split_percentages,
     write_nginx_prefix,
 )
-from bench.openloop import build_requests, percentile
 from bench.procstat import (
     CLOCK_TICKS_PER_SECOND,
     CpuUsage,
@@ -35,10 +43,11 @@ from bench.procstat import (
 )
 from bench.profile import parse_collapsed
 from bench.report import BenchResults, evaluate_targets, render_report
-from bench.runs import QUICK, FixedRateSample, SaturationSample
+from bench.runs import QUICK, FixedRateSample, SaturationSample, openloop_command, paired_ratios
 from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
 from bench.tools import ensure_tools, find_tool
 from bench.wrk import parse_wrk_output, wrk_command, wrk_environment
+from tests.processes import REPO, free_port, running
 
 WRK_STDOUT = """\
 Running 4s test @ http://127.0.0.1:19010/predict
@@ -163,15 +172,6 @@ def test_every_balancer_configuration_is_a_valid_experiment() -> None:
         assert experiment.weights == {"model_a": 50.0, "model_b": 50.0}
 
 
-def test_percentile_is_nearest_rank_and_requests_carry_the_user() -> None:
-    values = sorted(float(value) for value in range(1, 101))
-    assert [percentile(values, q) for q in (50, 99, 99.9, 100)] == [50.0, 99.0, 100.0, 100.0]
-    assert math.isnan(percentile([], 50))
-    first, second = build_requests(host="h:1", path="/predict", body=b"{}", users=2)
-    assert first.startswith(b"POST /predict HTTP/1.1\r\nHost: h:1\r\n") and first.endswith(b"Content-Length: 2\r\n\r\n{}")
-    assert b"X-User-ID: user-1\r\n" in second
-
-
 def test_collapsed_stacks_count_self_and_total_time_per_function_of_the_main_thread() -> None:
     profile = parse_collapsed("thread (7): MainThread;main (m.py:1);run (r.py:5);send (s.py:9) 3\n"
                               "thread (7): MainThread;main (m.py:1);run (r.py:7) 1\n"
@@ -217,7 +217,34 @@ def test_targets_say_by_how_much_they_are_missed() -> None:
     assert (p99.met, p99.shortfall) == (False, "2.00 ms over (1.4× the limit)")
     assert checks["balancer CPU per request, outcome logging + metrics on"].shortfall == "80 µs over (1.7× the limit)"
     assert checks["saturation throughput, balancer / direct"].shortfall == "40 points short"
-    assert checks["throughput cost of outcome logging + metrics"].shortfall == "10 points over"
+    assert checks["throughput cost of outcome logging + metrics (medians over rounds)"].shortfall == "10 points over"
+
+
+def test_the_logging_cost_comes_from_the_paired_runs_when_there_are_some() -> None:
+    results = _results()
+    results.cost_ratios = [0.97, 0.93, 0.95, 0.80, 0.96]  # median 0.95; the rounds' medians say 20 %
+    checks = {check.goal: check for check in evaluate_targets(results)}
+    paired = checks["throughput cost of outcome logging + metrics (back-to-back pairs)"]
+    assert paired.met is True and paired.measured == pytest.approx(5.0)
+    report = render_report(results)
+    assert "**Outcome logging + metrics cost 5.0 % of throughput** (target < 10 %): the median over 5 back-to-back" in report
+    assert "(the pairs ranged from 3.0 % to 20.0 %)" in report
+    assert "In the rounds above (medians), outcome logging + metrics cost 20.0 % of throughput" in report
+
+
+def test_paired_ratios_alternate_the_order_and_divide_within_each_pair() -> None:
+    first, second = (Target(name=name, kind="noop", hop="balancer", url="u") for name in ("full", "lean"))
+    order: list[str] = []
+    speeds = iter([900, 1000, 1000, 800, 450, 500])  # the machine slows down by half; each pair keeps its ratio
+
+    def measure(target: Target) -> SaturationSample:
+        order.append(target.name)
+        return SaturationSample(requests=next(speeds), seconds=1.0, errors=0, p50_ms=1.0, p99_ms=2.0,
+                                proxy_cpu=None, backend_cpu=CpuUsage(user_s=0.0, system_s=0.0))
+
+    ratios = paired_ratios(first, second, 3, measure, pause_s=0.0)
+    assert order == ["full", "lean", "lean", "full", "full", "lean"]
+    assert ratios == pytest.approx([0.9, 0.8, 0.9])
 
 
 def test_report_has_every_section_and_a_profile_placeholder() -> None:
@@ -227,7 +254,7 @@ def test_report_has_every_section_and_a_profile_placeholder() -> None:
         assert heading in report
     assert "Real model servers" not in report  # not measured, not shown
     assert "| balancer | 1,000 (1,000–1,000) | 0.10× | 0.80 | 9.00 | +0.50 | +7.00 | 200 (25 % kernel) |" in report
-    assert "Outcome logging + metrics cost 20.0 % of throughput" in report
+    assert "In the rounds above (medians), outcome logging + metrics cost 20.0 % of throughput" in report
     assert "_Not recorded in this run._" in report
 
 
@@ -265,22 +292,262 @@ def test_the_compiled_path_and_uvloop_are_compared_with_the_default() -> None:
     assert "Both (the balancer as it ran before them)" not in report  # not measured, not claimed
 
 
-def test_loop_stalls_render_per_statement_size_and_mark_the_one_used() -> None:
-    from balancer.events import MAX_ROWS_PER_STATEMENT, ROW_LIMIT
+def test_loop_stalls_render_per_writer_and_mark_the_one_used() -> None:
     from bench.loop_stalls import Stalls
 
     results = _results()
-    results.loop_stalls = [Stalls(max_rows=MAX_ROWS_PER_STATEMENT, rows=30_000, seconds=6.0, gaps=[0.0012, 0.0030]),
-                           Stalls(max_rows=ROW_LIMIT, rows=30_000, seconds=6.0, gaps=[0.002] * 30)]
+    results.loop_stalls = [Stalls(writer="writer process", rows=30_000, seconds=6.0, gaps=[0.0012, 0.0030]),
+                           Stalls(writer="writer thread", rows=30_000, seconds=6.0, gaps=[0.002] * 30)]
     report = render_report(results)
     assert "`python -m bench.loop_stalls --rate 5000 --seconds 6`" in report
-    assert f"| {MAX_ROWS_PER_STATEMENT} (used) | 2 | 3.00 | 3.00 | 0.07 % |" in report
-    assert f"| {ROW_LIMIT:,} | 30 | 2.00 | 2.00 | 1.00 % |" in report
+    assert "| writer process (used) | 2 | 3.00 | 3.00 | 0.07 % |" in report
+    assert "| writer thread (before) | 30 | 2.00 | 2.00 | 1.00 % |" in report
 
 
 def test_loop_stalls_are_measured_against_a_real_outcome_log() -> None:
     from bench.loop_stalls import measure
 
-    stalls = measure(64, rate=2000, seconds=0.5)  # measure() checks every row reached the store
-    assert stalls.rows == pytest.approx(1000, abs=5)
+    for writer in ("writer process", "writer thread"):
+        stalls = measure(writer, rate=2000, seconds=0.5)  # measure() checks every row reached the store
+        assert 900 <= stalls.rows <= 1001 and stalls.writer == writer  # a loaded machine may end the run a little short
+    with pytest.raises(ValueError, match="writer must be one of"):
+        measure("a cloud", rate=2000, seconds=0.5)
     assert all(gap > 0.001 for gap in stalls.gaps)
+
+
+# The fixed-rate client (bench/openloop.c, run as `make bench` runs it) against real loopback servers.
+
+DRAIN_TIMEOUT_S = 5.0  # bench/openloop.c's DRAIN_TIMEOUT
+SUMMARY_KEYS = ["rate", "seconds", "sent", "completed", "errors", "non_2xx", "connection_errors", "queued",
+                "achieved_rps", "latency_ms", "late_ms_p99", "client_cpu_s"]
+BODY = b'{"instances": [[1.0, 2.0]]}'
+
+
+@pytest.fixture(scope="module")
+def openloop_client() -> Path:
+    """The compiled client; without a C compiler a skip, or a failure under BALANCER_REQUIRE_NATIVE=1 (CI)."""
+    if openloop.find_compiler() is None and not openloop.binary_path().is_file():
+        if native.is_set(os.environ, native.REQUIRE_ENVIRONMENT):
+            pytest.fail(f"{native.REQUIRE_ENVIRONMENT} is set but there is no C compiler to build bench/openloop.c")
+        pytest.skip("no C compiler (cc or gcc) to build bench/openloop.c: apt-get install -y gcc libc6-dev; "
+                    f"set {native.REQUIRE_ENVIRONMENT}=1 to fail instead")
+    return openloop.build_client()
+
+
+@pytest.fixture
+def body_file(tmp_path: Path) -> Path:
+    path = tmp_path / "body.json"
+    path.write_bytes(BODY)
+    return path
+
+
+def run_openloop(url: str, body_file: Path, *, rate: float, seconds: float = 0.5, warmup: float = 0.1,
+                 connections: int = 4, users: int = 10, spread: Sequence[str] = ()) -> dict[str, Any]:
+    """One run with the command line `make bench` uses; its JSON summary, checked to come within the time bound."""
+    settings = replace(QUICK, fixed_rate_s=seconds, warmup_s=warmup, rate_connections=connections, users=users)
+    target = Target(name="test", kind="noop", hop="direct", url=url, spread=tuple(spread))
+    limit = warmup + seconds + DRAIN_TIMEOUT_S + 5
+    started = time.monotonic()
+    completed = subprocess.run(openloop_command(target, rate, settings, body_file), cwd=REPO, capture_output=True,
+                               text=True, timeout=limit, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert time.monotonic() - started < limit
+    [line] = completed.stdout.splitlines()
+    summary: dict[str, Any] = json.loads(line)
+    assert list(summary) == SUMMARY_KEYS
+    return summary
+
+
+class InlineServer:
+    """A tiny HTTP/1.1 server: reads each request whole and writes `answer` in three pieces (None: hangs up)."""
+
+    def __init__(self, answer: bytes | None, *, close_after: bool = False, split: bool = True) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.split = split
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def start(self) -> tuple[asyncio.Server, str]:
+        """Listening on a free loopback port: the server and its host:port."""
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return server, "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head)
+                assert length is not None
+                self.requests.append(head + await reader.readexactly(int(length[1])))
+                if self.answer is None:
+                    break
+                # cut 20 bytes in and 3 from the end: the client must parse answers that span reads
+                pieces = [self.answer[:20], self.answer[20:-3], self.answer[-3:]] if self.split else [self.answer]
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def run_openloop_against(*servers: InlineServer, **options: Any) -> dict[str, Any]:
+    """run_openloop spread over `servers`, which serve meanwhile in this event loop."""
+    started = [await server.start() for server in servers]
+    try:
+        spread = [address for _, address in started]
+        return await asyncio.to_thread(run_openloop, "http://127.0.0.1:1/predict", spread=spread, **options)
+    finally:
+        for server, _ in started:
+            server.close()
+
+
+@pytest.mark.usefixtures("openloop_client")
+def test_openloop_holds_the_rate_against_the_noop_backend(tmp_path: Path, body_file: Path) -> None:
+    port = free_port()
+    with running(["tests/noop_backend.py", "--port", str(port), "--name", "model_a"],
+                 f"http://127.0.0.1:{port}/healthz", log=tmp_path / "backend.log"):
+        summary = run_openloop(f"http://127.0.0.1:{port}/predict", body_file, rate=500, seconds=1.0, warmup=0.2,
+                               connections=32, users=1000)
+    assert summary["sent"] == pytest.approx(500, abs=1)
+    assert summary["completed"] == summary["sent"]
+    assert (summary["errors"], summary["non_2xx"], summary["connection_errors"]) == (0, 0, 0)
+    assert summary["achieved_rps"] == pytest.approx(500, rel=0.05)
+    assert summary["seconds"] == pytest.approx(1.0, abs=0.05)
+    latency = summary["latency_ms"]
+    assert list(latency) == ["p50", "p90", "p99", "p99.9", "p100"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99.9"] <= latency["p100"]
+    assert summary["late_ms_p99"] >= 0
+    # CPU of warm-up + measured + drain per measured request, as the report counts it. About 60-75 µs on
+    # the 2-core nested VM this was written on (a timed sleep costs ~30 µs there, the loopback send ~25);
+    # the asyncio client before it used ~300 µs at this rate.
+    assert summary["client_cpu_s"] / summary["completed"] < 150e-6
+
+
+@pytest.mark.usefixtures("openloop_client")
+def test_queue_wait_counts_in_the_latency_when_the_server_is_slower_than_the_rate(
+        tmp_path: Path, body_file: Path) -> None:
+    port = free_port()  # 2 connections x 1 answer per 50 ms = 40 answers/s, asked for 100/s
+    with running(["tests/noop_backend.py", "--port", str(port), "--name", "model_a", "--delay-ms", "50"],
+                 f"http://127.0.0.1:{port}/healthz", log=tmp_path / "backend.log"):
+        summary = run_openloop(f"http://127.0.0.1:{port}/predict", body_file, rate=100, connections=2)
+    assert summary["completed"] == summary["sent"] == 50
+    assert summary["queued"] > 0
+    assert summary["latency_ms"]["p50"] > 50
+    assert summary["latency_ms"]["p99"] > 500  # the last ones waited most of a second for a connection
+
+
+ANSWERS = {  # name: (answer, whether the server closes after it)
+    "chunked": (b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n5\r\nhello\r\n7;note=x\r\n world!\r\n"
+                b"0\r\nX-Trailer: 1\r\n\r\n", False),
+    "Connection: close": (b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 5\r\nConnection: close\r\n\r\nhello", True),
+    "body until the server closes": (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello", True),
+    "HTTP/1.0": (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello", True),
+    "interim 100 then 204": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", False),
+}
+
+
+@pytest.mark.usefixtures("openloop_client")
+@pytest.mark.parametrize("name", list(ANSWERS))
+def test_every_way_an_answer_can_end_is_understood(name: str, body_file: Path) -> None:
+    answer, close_after = ANSWERS[name]
+    server = InlineServer(answer, close_after=close_after)
+    summary = asyncio.run(run_openloop_against(server, body_file=body_file, rate=200))
+    assert summary["completed"] == summary["sent"] == 100
+    assert (summary["errors"], summary["connection_errors"]) == (0, 0)
+    if close_after:  # a new connection for each answer (the last ones may be left unused)
+        assert len(server.requests) <= server.connections <= len(server.requests) + 4
+    else:  # the same 4 kept alive throughout
+        assert server.connections == 4
+
+
+@pytest.mark.usefixtures("openloop_client")
+@pytest.mark.parametrize("answer", [None, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhello",
+                                    b"HTTP/1.1 2OO OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"],
+                         ids=["hangs up", "bytes beyond the answer", "malformed status", "malformed length"])
+def test_a_lost_or_broken_answer_is_a_connection_error_and_the_run_goes_on(answer: bytes | None,
+                                                                          body_file: Path) -> None:
+    server = InlineServer(answer, split=False)
+    summary = asyncio.run(run_openloop_against(server, body_file=body_file, rate=200))
+    assert summary["sent"] == 100
+    assert summary["completed"] == 0
+    assert summary["connection_errors"] == summary["errors"] == 100
+    assert summary["latency_ms"]["p50"] is None  # no samples: JSON null, never a bare NaN
+
+
+@pytest.mark.usefixtures("openloop_client")
+def test_non_2xx_answers_are_completed_but_errors(body_file: Path) -> None:
+    server = InlineServer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    summary = asyncio.run(run_openloop_against(server, body_file=body_file, rate=200))
+    assert summary["completed"] == summary["non_2xx"] == summary["errors"] == 100
+    assert summary["connection_errors"] == 0
+
+
+@pytest.mark.usefixtures("openloop_client")
+def test_spread_sends_the_same_requests_to_every_address_in_turn(body_file: Path) -> None:
+    servers = [InlineServer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") for _ in range(2)]
+    summary = asyncio.run(run_openloop_against(*servers, body_file=body_file, rate=200, users=10))
+    assert summary["completed"] == summary["sent"] == 100
+    requests = [request for server in servers for request in server.requests]
+    assert len(requests) == 120  # warm-up included; the URL's own port (1) is never used
+    assert all(len(server.requests) >= 50 for server in servers)  # idle connections are used round-robin
+    expected = {b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:1\r\nContent-Type: application/json\r\n"
+                b"X-User-ID: user-%d\r\nContent-Length: %d\r\n\r\n%s" % (user, len(BODY), BODY) for user in range(10)}
+    assert set(requests) == expected
+
+
+VALID_ARGUMENTS = {"--url": "http://127.0.0.1:1/predict", "--rate": "10", "--seconds": "1", "--body-file": "body.json"}
+
+
+# (changes to VALID_ARGUMENTS, None: left out; the error message)
+BAD_ARGUMENTS: list[tuple[dict[str, str | None], str]] = [
+    ({"--rate": "fast"}, "--rate 'fast' is not a number"),
+    ({"--rate": "0"}, "--rate 0 must be > 0"),
+    ({"--connections": "0"}, "--connections 0 must be between 1"),
+    ({"--url": "ftp://127.0.0.1:1/predict"}, "--url 'ftp://127.0.0.1:1/predict' must be http://host:port/path"),
+    ({"--url": "http://127.0.0.1/predict"}, "--url 'http://127.0.0.1/predict' must be http://host:port/path"),
+    ({"--spread": "127.0.0.1"}, "--spread '127.0.0.1': '127.0.0.1' is not host:port"),
+    ({"--body-file": "missing.json"}, "--body-file 'missing.json': No such file"),
+    ({"--url": None}, "--url is required"),
+    ({"--bogus": "1"}, "unrecognized argument '--bogus'"),
+]
+
+
+@pytest.mark.usefixtures("openloop_client")
+@pytest.mark.parametrize(("changes", "message"), BAD_ARGUMENTS,
+                         ids=[" ".join(f"{flag} {value}" for flag, value in changes.items())
+                              for changes, _ in BAD_ARGUMENTS])
+def test_bad_arguments_exit_2_naming_the_flag(changes: dict[str, str | None], message: str, tmp_path: Path) -> None:
+    (tmp_path / "body.json").write_bytes(BODY)
+    arguments = [part for flag, value in {**VALID_ARGUMENTS, **changes}.items() if value is not None
+                 for part in (flag, value)]
+    completed = subprocess.run([sys.executable, "-m", "bench.openloop", *arguments], cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("usage: python -m bench.openloop --url")
+    assert f"python -m bench.openloop: error: {message}" in completed.stderr
+
+
+def test_without_a_c_compiler_the_client_names_the_packages_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    monkeypatch.setattr(openloop.shutil, "which", lambda name: None)
+    with pytest.raises(BenchError, match=r"no C compiler \(cc or gcc\).*apt-get install -y gcc libc6-dev"):
+        openloop.build_client(build_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("openloop_client")
+def test_concurrent_first_uses_compile_one_cached_binary_per_source(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        built = list(pool.map(lambda _: openloop.build_client(build_dir=tmp_path), range(2)))
+    assert built[0] == built[1] == openloop.binary_path(build_dir=tmp_path)
+    assert re.fullmatch(r"openloop-[0-9a-f]{12}", built[0].name)
+    assert [path.name for path in tmp_path.iterdir()] == [built[0].name]  # no temporary left behind
+    assert os.access(built[0], os.X_OK)
+    assert openloop.build_client(build_dir=tmp_path) == built[0]  # cached: not compiled again

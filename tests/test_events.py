@@ -1,45 +1,53 @@
-"""The outcome log's batch insert: every row exactly once, whatever the batch size; duplicates ignored and counted."""
+"""The outcome log and its writer process: every row exactly once, whatever the batch size; duplicates ignored and
+counted; a refused record dropped and reported without blocking the others; a dead writer replaced."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from balancer import events, store
+from balancer import store, store_writer
 from balancer.events import EventLog
 from bench.store_insert import synthetic_rows
 
+REPO = Path(__file__).resolve().parent.parent
 
-MAX = events.MAX_ROWS_PER_STATEMENT
+
+MAX = store_writer.MAX_ROWS_PER_STATEMENT
 
 
-@pytest.mark.parametrize("max_rows", [MAX, events.ROW_LIMIT, 1, 100])
-@pytest.mark.parametrize("count", [0, 1, 2, 3, MAX - 1, MAX, MAX + 1, 2 * MAX + 7, events.ROW_LIMIT + 5])
+@pytest.mark.parametrize("max_rows", [MAX, store_writer.ROW_LIMIT, 1, 100])
+@pytest.mark.parametrize("count", [0, 1, 2, 3, MAX - 1, MAX, MAX + 1, 2 * MAX + 7, store_writer.ROW_LIMIT + 5])
 def test_insert_requests_stores_every_row_once(tmp_path: Path, count: int, max_rows: int) -> None:
     connection = store.connect(tmp_path / "outcomes.db")
     rows = synthetic_rows(count)
-    events.insert_requests(connection, rows, events.insert_statements(max_rows))
+    store_writer.insert_requests(connection, rows, store_writer.insert_statements(max_rows))
     stored = connection.execute(f"SELECT {', '.join(store.REQUEST_COLUMNS)} FROM requests ORDER BY request_id").fetchall()
     assert stored == sorted(rows)
 
 
 def test_statements_are_the_maximum_then_the_powers_of_two_below_it() -> None:
-    assert list(events.insert_statements(256)) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
-    assert list(events.insert_statements(100)) == [100, 64, 32, 16, 8, 4, 2, 1]
-    assert list(events.insert_statements(1)) == [1]
-    assert events.insert_statements(3)[3].count("?") == 3 * len(store.REQUEST_COLUMNS)
-    for wrong in (0, events.ROW_LIMIT + 1):
+    assert list(store_writer.insert_statements(256)) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert list(store_writer.insert_statements(100)) == [100, 64, 32, 16, 8, 4, 2, 1]
+    assert list(store_writer.insert_statements(1)) == [1]
+    assert store_writer.insert_statements(3)[3].count("?") == 3 * len(store.REQUEST_COLUMNS)
+    for wrong in (0, store_writer.ROW_LIMIT + 1):
         with pytest.raises(ValueError, match="max_rows must be between 1 and"):
-            events.insert_statements(wrong)
+            store_writer.insert_statements(wrong)
 
 
 def test_a_statement_never_binds_more_than_the_maximum(tmp_path: Path) -> None:
     connection = store.connect(tmp_path / "outcomes.db")
     bound: list[int] = []
     connection.set_trace_callback(lambda sql: bound.append(sql.count("),(") + 1) if sql.startswith("INSERT") else None)
-    events.insert_requests(connection, synthetic_rows(2 * MAX + 7))
+    store_writer.insert_requests(connection, synthetic_rows(2 * MAX + 7))
     assert bound == [MAX, MAX, 4, 2, 1]
 
 
@@ -59,10 +67,113 @@ def test_event_log_writes_batches_and_counts_reused_request_ids(tmp_path: Path) 
     assert log.written_requests == 1501 and log.duplicate_requests == 1 and log.written_feedback == 1
 
 
-def test_a_batch_the_store_refuses_is_kept_and_the_error_shown(tmp_path: Path) -> None:
+def test_nullable_text_columns_store_null_and_keep_zero_like_text(tmp_path: Path) -> None:
+    connection = store.connect(tmp_path / "outcomes.db")
+    row = synthetic_rows(1)[0]
+    empty = row[:5] + (None, "random", None) + row[8:10] + (None,)
+    zero_text = (row[0] + "z",) + row[1:5] + ("0", "random", "0") + row[8:10] + ("0",)
+    store_writer.insert_requests(connection, [empty, zero_text])
+    stored = connection.execute("SELECT upstream, unit_id, error, typeof(error) FROM requests ORDER BY request_id").fetchall()
+    assert stored == [(None, None, None, "null"), ("0", "0", "0", "text")]
+
+
+def test_a_record_the_store_refuses_is_dropped_and_reported_and_the_rest_written(tmp_path: Path) -> None:
     log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)  # flushes only when the test says so
-    log.record_request(synthetic_rows(1)[0][:10])  # one column short: SQLite refuses the statement
+    good = synthetic_rows(300)
+    for row in good[:150]:
+        log.record_request(row)
+    log.record_request(good[150][:10])  # one column short: SQLite refuses it
+    log.record_request(good[151][:2] + (None,) + good[151][3:])  # NULL experiment: NOT NULL constraint
+    for row in good[152:]:
+        log.record_request(row)
+    log.record_feedback(good[0][0], 0.5)
     log.flush()
-    assert log.last_error is not None and "bindings" in log.last_error and log.pending == 1
-    log._requests.clear()  # this bad row would be retried forever (see the note on poison rows)
+    assert log.pending == 0 and log.rejected_records == 2 and log.written_requests == 298
+    assert log.last_error is not None and "IntegrityError" in log.last_error
+    log.record_request(synthetic_rows(301)[300])  # the log goes on
     log.close()
+    with sqlite3.connect(tmp_path / "outcomes.db") as connection:
+        assert connection.execute("SELECT COUNT(*) FROM requests").fetchone() == (299,)
+        assert connection.execute("SELECT value FROM feedback").fetchall() == [(0.5,)]
+
+
+def test_a_record_marshal_cannot_carry_is_dropped_and_the_rest_written(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)
+    rows = synthetic_rows(3)
+    log.record_request(rows[0])
+    log.record_request(rows[1][:10] + (object(),))
+    log.record_request(rows[2])
+    log.flush()  # stops half-sent: the writer is replaced, the sendable rows wait for the next flush
+    assert log.rejected_records == 1 and log.pending == 2
+    log.flush()
+    assert log.pending == 0 and log.written_requests == 2
+    log.close()
+
+
+def test_a_writer_that_dies_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)
+    rows = iter(synthetic_rows(1500))
+    for _ in range(500):
+        log.record_request(next(rows))
+    log.flush()
+    first = log._process
+    assert first is not None
+    first.kill()
+    first.wait()
+    for _ in range(500):
+        log.record_request(next(rows))
+    log.flush()  # seen dead before sending: replaced at once
+    assert log.pending == 0 and log.writer_restarts == 1
+
+    second = log._process
+    assert second is not None and second is not first
+    second.kill()
+    second.wait()
+    second.poll = lambda: None  # type: ignore[method-assign]  # dies unnoticed: the batch meets a broken pipe
+    for _ in range(500):
+        log.record_request(next(rows))
+    log.flush()
+    assert log.pending == 500 and log.last_error is not None and "store writer failed" in log.last_error
+    log.flush()  # a new writer takes the kept batch
+    assert log.pending == 0 and log.last_error is None and log._process is not second
+    log.close()
+    with sqlite3.connect(tmp_path / "outcomes.db") as connection:
+        assert connection.execute("SELECT COUNT(*) FROM requests").fetchone() == (1500,)
+    assert log.written_requests == 1500 and log.duplicate_requests == 0
+
+
+def test_the_writer_commits_what_it_was_sent_when_the_balancer_is_killed(tmp_path: Path) -> None:
+    path = tmp_path / "outcomes.db"
+    script = (
+        "import os, signal, sys\n"
+        "from balancer.events import EventLog\n"
+        "from bench.store_insert import synthetic_rows\n"
+        f"log = EventLog({str(path)!r}, flush_interval_s=60)\n"
+        "for row in synthetic_rows(2000):\n"
+        "    log.record_request(row)\n"
+        "log.flush()\n"
+        "for row in synthetic_rows(2100)[2000:]:\n"
+        "    log.record_request(row)\n"  # never sent: lost with the process
+        "print(log._process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    writer_pid = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(writer_pid) and time.monotonic() < deadline:  # the writer sees its stdin end and exits
+        time.sleep(0.05)
+    assert not _alive(writer_pid)
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM requests").fetchone() == (2000,)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

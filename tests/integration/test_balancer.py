@@ -200,7 +200,7 @@ async def test_live_report_on_the_admin_port(stack: Stack) -> None:
     assert 'id="plot-cumulative-lift"' in page and "model_b" in page
 
 
-async def test_healthz_says_how_the_request_path_runs(stack: Stack) -> None:
+async def test_healthz_says_how_the_request_path_and_the_outcome_log_run(stack: Stack) -> None:
     from balancer import native
 
     async with aiohttp.ClientSession() as session, session.get(f"{stack.admin}/healthz") as reply:
@@ -208,3 +208,5 @@ async def test_healthz_says_how_the_request_path_runs(stack: Stack) -> None:
     # the served process was started with this test run's environment
     assert health["event_loop"] == "uvloop"
     assert health["request_path"] == native.decide(native.PACKAGE_DIR, os.environ)[1]
+    assert health["rejected_records"] == 0 and health["store_writer_restarts"] == 0 and health["store_error"] is None
+    assert isinstance(health["pending_records"], int)

@@ -1,0 +1,240 @@
+"""The outcome store's writer process: commits batches of records to SQLite outside the balancer's process.
+
+    python -m balancer.store_writer --store outcomes.db [--max-rows-per-statement 256]
+
+`balancer.events.EventLog` starts one writer per store and sends it every batch over the
+writer's stdin. Binding a row's parameters in Python's sqlite3 takes the GIL for a few
+microseconds; in the balancer's process that stalled the event loop and cost a tenth of its
+throughput at saturation. Here it runs beside it, on another core when there is one.
+
+Messages on both pipes are frames: a 4-byte big-endian length, then a `marshal` payload (the
+two ends are the same interpreter, so the format always matches). A batch is one header frame
+`(request chunks, feedback rows, config rows)` followed by that many frames of request rows
+(chunked so the sender never holds the GIL for long); the answer is one frame
+`(requests inserted, feedback written, rejected records, error)`. A batch is one transaction.
+When it fails with an error that may pass (the disk is full, the store is locked) nothing is
+written and `error` says why: the sender keeps the batch and retries it. When SQLite refuses a
+record itself (a constraint, a value of the wrong type) the writer commits every other record
+of the batch and returns the refused ones in `rejected`, so one bad record never blocks the
+log. The writer exits when its stdin closes, after answering every batch it read: a balancer
+killed with SIGKILL loses only what it had not yet sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import marshal
+import signal
+import sqlite3
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import IO, Any
+
+from balancer import store
+
+logger = logging.getLogger(__name__)
+
+FRAME_HEADER = struct.Struct("!I")
+# A batch goes in as multi-row `INSERT ... VALUES (...), (...)` statements of fixed sizes:
+# MAX_ROWS_PER_STATEMENT rows, then the powers of two below it, whose prepared statements the
+# connection caches (`python -m bench.store_insert` compares this with the alternatives).
+MAX_ROWS_PER_STATEMENT = 256
+ROW_LIMIT = 32_766 // len(store.REQUEST_COLUMNS)  # rows of the largest statement SQLite accepts (32,766 parameters)
+# Python 3.11's sqlite3 binds str, int and float directly but sends every None through its
+# adapter lookup (a registry miss, then two failed getattr calls raising AttributeError):
+# about 3,000 instructions per None, more than the rest of the row. So the nullable text
+# columns bind the integer 0 for "no value" and the statement turns it back into NULL with
+# NULLIF(?, 0); a text value never equals the integer 0, so nothing else can become NULL.
+NULLABLE_TEXT_COLUMNS = ("upstream", "unit_id", "error")
+_NULLABLE_POSITIONS = tuple(store.REQUEST_COLUMNS.index(name) for name in NULLABLE_TEXT_COLUMNS)
+_ROW_PLACEHOLDERS = "(" + ", ".join(
+    "NULLIF(?, 0)" if name in NULLABLE_TEXT_COLUMNS else "?" for name in store.REQUEST_COLUMNS
+) + ")"
+# A request id already stored (a client reusing X-Request-ID) keeps its first record. Only that
+# conflict is ignored: `INSERT OR IGNORE` would also skip a row breaking NOT NULL, silently.
+_INSERT_PREFIX = "INSERT INTO requests ({}) VALUES ".format(", ".join(store.REQUEST_COLUMNS))
+_ON_REUSED_ID = " ON CONFLICT (request_id) DO NOTHING"
+_UPSERT_FEEDBACK = "INSERT OR REPLACE INTO feedback (request_id, ts, value) VALUES (?, ?, ?)"
+_INSERT_CONFIG = (
+    "INSERT OR REPLACE INTO configs (version, hash, ts, experiment, status, control, weights, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Errors that say nothing about the records (busy, locked, disk full, I/O): retry the whole batch later.
+TRANSIENT_ERRORS = (sqlite3.OperationalError,)
+
+Row = tuple[Any, ...]
+
+
+def insert_statements(max_rows: int = MAX_ROWS_PER_STATEMENT) -> dict[int, str]:
+    """Rows -> INSERT statement, largest first: `max_rows`, then every power of two below it."""
+    if not 1 <= max_rows <= ROW_LIMIT:
+        raise ValueError(f"max_rows must be between 1 and {ROW_LIMIT}, got {max_rows}")
+    sizes = [max_rows] + [1 << power for power in range(max_rows.bit_length() - 1, -1, -1) if 1 << power < max_rows]
+    return {size: _INSERT_PREFIX + ",".join([_ROW_PLACEHOLDERS] * size) + _ON_REUSED_ID for size in sizes}
+
+
+_DEFAULT_INSERTS = insert_statements()
+
+
+def insert_requests(connection: sqlite3.Connection, rows: Sequence[Row], statements: dict[int, str] = _DEFAULT_INSERTS) -> None:
+    """Insert `rows` (columns in `store.REQUEST_COLUMNS` order, reused ids skipped) with the fixed-size `statements`."""
+    start, count = 0, len(rows)
+    width = len(store.REQUEST_COLUMNS)
+    for size, statement in statements.items():
+        while count - start >= size:
+            parameters = list(chain.from_iterable(rows[start:start + size]))
+            if len(parameters) != size * width:
+                raise sqlite3.ProgrammingError(f"a request record must have {width} columns")
+            for position in _NULLABLE_POSITIONS:
+                for index in range(position, len(parameters), width):
+                    if parameters[index] is None:
+                        parameters[index] = 0
+            connection.execute(statement, parameters)
+            start += size
+
+
+@dataclass
+class Outcome:
+    """What became of one batch."""
+
+    inserted: int = 0  # request rows stored (a reused request id is ignored, not stored)
+    feedback: int = 0
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (table, record, SQLite's reason)
+    error: str | None = None  # set: nothing was written, retry the batch
+
+    def as_message(self) -> tuple[int, int, list[tuple[str, str, str]], str | None]:
+        """The answer frame's payload."""
+        return self.inserted, self.feedback, self.rejected, self.error
+
+
+class StoreWriter:
+    """Writes batches into one store, one transaction each."""
+
+    def __init__(self, connection: sqlite3.Connection, *, max_rows_per_statement: int = MAX_ROWS_PER_STATEMENT) -> None:
+        self.connection = connection
+        self.statements = insert_statements(max_rows_per_statement)
+
+    def write(self, requests: Sequence[Row], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+        """Commit the batch; the refused records are left out and reported, a transient failure writes nothing."""
+        try:
+            return self._transaction(lambda: self._write_all(requests, feedback, configs))
+        except TRANSIENT_ERRORS as exc:
+            return Outcome(error=f"{type(exc).__name__}: {exc}")
+        except sqlite3.Error:
+            pass  # some record is refused: write them one by one to find it
+        try:
+            return self._transaction(lambda: self._write_each(requests, feedback, configs))
+        except TRANSIENT_ERRORS as exc:
+            return Outcome(error=f"{type(exc).__name__}: {exc}")
+
+    def _transaction(self, body: Callable[[], Outcome]) -> Outcome:
+        connection = self.connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            outcome = body()
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return outcome
+
+    def _write_all(self, requests: Sequence[Row], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+        connection = self.connection
+        outcome = Outcome(feedback=len(feedback))
+        if configs:
+            connection.executemany(_INSERT_CONFIG, configs)
+        if requests:
+            before = connection.total_changes
+            insert_requests(connection, requests, self.statements)
+            outcome.inserted = connection.total_changes - before
+        if feedback:
+            connection.executemany(_UPSERT_FEEDBACK, feedback)
+        return outcome
+
+    def _write_each(self, requests: Sequence[Row], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+        connection = self.connection
+        outcome = Outcome()
+        one_row = {1: self.statements[1]}
+        for table, rows in (("configs", configs), ("requests", requests), ("feedback", feedback)):
+            for row in rows:
+                connection.execute("SAVEPOINT record")
+                before = connection.total_changes
+                try:
+                    if table == "requests":
+                        insert_requests(connection, [row], one_row)
+                    else:
+                        connection.execute(_INSERT_CONFIG if table == "configs" else _UPSERT_FEEDBACK, row)
+                except TRANSIENT_ERRORS:
+                    raise
+                except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+                    connection.execute("ROLLBACK TO record")
+                    outcome.rejected.append((table, repr(row)[:500], f"{type(exc).__name__}: {exc}"))
+                else:
+                    if table == "requests":
+                        outcome.inserted += connection.total_changes - before
+                    outcome.feedback += table == "feedback"
+                connection.execute("RELEASE record")
+        return outcome
+
+
+def write_frame(stream: IO[bytes], payload: Any) -> None:
+    """One frame: length, then the marshalled payload."""
+    data = marshal.dumps(payload)
+    stream.write(FRAME_HEADER.pack(len(data)) + data)
+
+
+def read_frame(stream: IO[bytes]) -> Any:
+    """The next frame's payload; EOFError when the stream ends (cleanly or mid-frame)."""
+    header = _read_exactly(stream, FRAME_HEADER.size)
+    return marshal.loads(_read_exactly(stream, FRAME_HEADER.unpack(header)[0]))
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise EOFError(f"the stream ended after {0 if not data else len(data)} of {size} bytes")
+    return data
+
+
+def serve(incoming: IO[bytes], outgoing: IO[bytes], writer: StoreWriter) -> int:
+    """Answer batches until `incoming` ends; the number of batches written."""
+    batches = 0
+    while True:
+        try:
+            chunks, feedback, configs = read_frame(incoming)
+            requests: list[Row] = []
+            for _ in range(chunks):
+                requests.extend(read_frame(incoming))
+        except EOFError:
+            return batches
+        write_frame(outgoing, writer.write(requests, feedback, configs).as_message())
+        outgoing.flush()
+        batches += 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: serve batches from stdin for one store."""
+    parser = argparse.ArgumentParser(prog="python -m balancer.store_writer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, help="the SQLite outcome store")
+    parser.add_argument("--max-rows-per-statement", type=int, default=MAX_ROWS_PER_STATEMENT)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s store_writer: %(message)s")
+    # Ctrl-C reaches the whole process group; the writer must outlive it to take the balancer's last flush.
+    # It stops when the balancer closes the pipe (or dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    connection = store.connect(args.store, cached_statements=len(insert_statements(args.max_rows_per_statement)) + 8)
+    try:
+        serve(sys.stdin.buffer, sys.stdout.buffer, StoreWriter(connection, max_rows_per_statement=args.max_rows_per_statement))
+    finally:
+        connection.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
