@@ -356,7 +356,7 @@ def _bounds_section(results: BenchResults) -> str:
         f"{_number(_percent(floor_kernel, full_cpu), 0)} % |\n"
         f"| proxy logic: ids, assignment, header filtering, response headers | "
         f"{_signed(lean_cpu - floor_cpu, 0)} | {_number(_percent(lean_cpu - floor_cpu, full_cpu), 0)} % |\n"
-        f"| outcome log (writer thread included) + metrics | {_signed(full_cpu - lean_cpu, 0)} | "
+        f"| outcome log (its store writer process included) + metrics | {_signed(full_cpu - lean_cpu, 0)} | "
         f"{_number(_percent(full_cpu - lean_cpu, full_cpu), 0)} % |\n"
         f"| **balancer** | **{_number(full_cpu, 0)}** | 100 % |\n"
         f"| the floor behind aiohttp's server instead, for comparison | {_number(aiohttp_cpu, 0)} | |\n"
