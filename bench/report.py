@@ -10,6 +10,7 @@ from datetime import datetime
 
 from bench.profile import SAMPLE_RATE_HZ, Profile
 from bench.runs import FixedRateSample, SaturationSample, Settings, median
+from bench.instructions import FLUSH_EVERY, LONG_RUN, SHORT_RUN, WRITER
 from bench.loop_stalls import STALL_S, WRITERS, Stalls
 from bench.stack import (
     AIOHTTP_FLOOR_LABEL,
@@ -401,17 +402,23 @@ def _instructions_section(results: BenchResults) -> str:
     previous: str | None = None
     for kind, label in (("floor", "the floor (server + upstream client, forwarding only)"),
                         ("lean", "+ the balancer's logic (outcome log and metrics off)"),
-                        ("default", "+ outcome log (writer thread included) and metrics: the balancer as it ships")):
+                        ("default", "+ outcome log and metrics: the balancer as it ships")):
         if kind not in counts:
             continue
         delta = "" if previous is None else _signed(counts[kind] - counts[previous], 0)
         rows.append(f"| {label} | {_number(counts[kind], 0)} | {delta} |\n")
         previous = kind
+    writer = counts.get(WRITER)
+    if writer is not None and "default" in counts:
+        rows.append(f"| &nbsp;&nbsp;of which in the balancer's process | {_number(counts['default'] - writer, 0)} | "
+                    f"{_signed(counts['default'] - writer - counts['lean'], 0) if 'lean' in counts else ''} |\n"
+                    f"| &nbsp;&nbsp;of which in its store writer process (SQLite) | {_number(writer, 0)} | |\n")
     return (
         title + "`python -m bench.instructions`: the public port's code in one process with fake transports (no "
-        "sockets, so no kernel work and no load generator), counted by `valgrind --tool=callgrind` over all threads; "
-        "the difference between runs of 1,300 and 300 requests, per request. Unlike CPU seconds on a shared "
-        "machine, these counts move by a few per cent at most between runs, "
+        "sockets, so no kernel work and no load generator), counted by `valgrind --tool=callgrind --trace-children=yes` "
+        f"over all threads and the store writer process; the difference between runs of {LONG_RUN:,} and "
+        f"{SHORT_RUN:,} requests, per request, with the outcome log flushed every {FLUSH_EVERY} requests. Unlike "
+        "CPU seconds on a shared machine, these counts move by a few per cent at most between runs, "
         "so they are the figure to compare when a change is small.\n\n"
         "| what runs | instructions per request | added |\n|---|---|---|\n" + "".join(rows)
     )

@@ -37,7 +37,7 @@ class Settings:
     rate_connections: int = 32
     users: int = 1000
     pause_s: float = 0.5
-    cost_pairs: int = 10  # back-to-back saturation pairs, default vs outcomes and metrics off
+    cost_pairs: int = 16  # back-to-back saturation pairs, default vs outcomes and metrics off
     cost_pair_s: float = 3.0
 
 

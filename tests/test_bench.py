@@ -266,6 +266,11 @@ def test_instruction_counts_render_with_their_increments() -> None:
     assert "| the floor (server + upstream client, forwarding only) | 76,000 |  |" in report
     assert "| + the balancer's logic (outcome log and metrics off) | 124,000 | +48,000 |" in report
     assert "the balancer as it ships | 176,500 | +52,500 |" in report
+    assert "of which in the balancer's process" not in report  # the writer's share was not counted
+    results.instructions["writer"] = 40_000.0
+    report = render_report(results)
+    assert "| &nbsp;&nbsp;of which in the balancer's process | 136,500 | +12,500 |" in report
+    assert "| &nbsp;&nbsp;of which in its store writer process (SQLite) | 40,000 | |" in report
 
 
 @pytest.mark.parametrize("kind", list(INSTRUCTION_KINDS))

@@ -177,3 +177,14 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_recent_variants_keep_the_last_ids_only(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, recent_ids=3)
+    rows = synthetic_rows(5)
+    for row in rows:
+        log.record_request(row)
+    assert [log.recent_variant(row[0]) for row in rows] == [None, None, rows[2][4], rows[3][4], rows[4][4]]
+    log.flush()
+    assert log.variant_of(rows[0][0]) == rows[0][4]  # forgotten in memory, found in the store
+    log.close()
