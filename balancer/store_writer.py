@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import marshal
+import os
 import signal
 import sqlite3
 import struct
@@ -63,6 +64,10 @@ _INSERT_CONFIG = (
     "INSERT OR REPLACE INTO configs (version, hash, ts, experiment, status, control, weights, body) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# The writer's work can wait a few milliseconds and the balancer's cannot: at this niceness the
+# scheduler gives a busy core to the event loop first (CFS weight 110 against 1,024), while the
+# writer still gets a tenth of a contended core, several times what it needs at saturation.
+NICENESS = 10
 # Errors that say nothing about the records (busy, locked, disk full, I/O): retry the whole batch later.
 TRANSIENT_ERRORS = (sqlite3.OperationalError,)
 
@@ -228,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # It stops when the balancer closes the pipe (or dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(NICENESS)
     connection = store.connect(args.store, cached_statements=len(insert_statements(args.max_rows_per_statement)) + 8)
     try:
         serve(sys.stdin.buffer, sys.stdout.buffer, StoreWriter(connection, max_rows_per_statement=args.max_rows_per_statement))

@@ -188,3 +188,13 @@ def test_recent_variants_keep_the_last_ids_only(tmp_path: Path) -> None:
     log.flush()
     assert log.variant_of(rows[0][0]) == rows[0][4]  # forgotten in memory, found in the store
     log.close()
+
+
+def test_the_writer_runs_at_a_lower_priority_than_the_balancer(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)
+    log.record_request(synthetic_rows(1)[0])
+    log.flush()  # the writer has started and answered
+    assert log._process is not None
+    writer_nice = int(Path(f"/proc/{log._process.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert writer_nice == min(19, os.nice(0) + store_writer.NICENESS)
+    log.close()
