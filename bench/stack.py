@@ -138,8 +138,11 @@ class Stack:
                       spread=tuple(upstreams[name] for name in VARIANTS), backend_pids=backend_pids)
 
     def balancer(self, kind: str, options: BalancerOptions, upstreams: Mapping[str, str],
-                 backend_pids: tuple[int, ...]) -> Target:
-        """Start a balancer in front of `upstreams` configured by `options` (ready after `ready()`)."""
+                 backend_pids: tuple[int, ...], *, source: Path = REPO) -> Target:
+        """Start a balancer in front of `upstreams` configured by `options` (ready after `ready()`).
+
+        `source`: the checkout whose `balancer` package runs (another commit's worktree, for `bench.compare`).
+        """
         slug = f"{kind}-balancer-{options.label.replace(' ', '-').replace(',', '')}"
         config = self.workdir / f"{slug}.yaml"
         config.write_text(balancer_yaml(options, upstreams))
@@ -148,7 +151,9 @@ class Stack:
                    "--port", str(port), "--admin-port", str(admin_port), "--store", str(self.workdir / f"{slug}.db"),
                    "--event-loop", options.event_loop]
         environment = {native.PURE_ENVIRONMENT: "1" if options.interpreted else ""}
-        process = self._spawn(slug, command, f"http://{HOST}:{admin_port}/healthz", environment)
+        if source != REPO:
+            environment["PYTHONPATH"] = str(source)
+        process = self._spawn(slug, command, f"http://{HOST}:{admin_port}/healthz", environment, cwd=source)
         return Target(name=f"{kind} balancer" + ("" if options.label == "default" else f" ({options.label})"),
                       kind=kind, hop="balancer", url=f"http://{HOST}:{port}{PREDICT_PATH}",
                       proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
@@ -186,10 +191,10 @@ class Stack:
             logger.info("started %s (pid %d)", name, process.pid)
 
     def _spawn(self, name: str, command: list[str], ready_url: str,
-               environment: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+               environment: Mapping[str, str] | None = None, cwd: Path = REPO) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as output:
-            process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT,
                                        env={**os.environ, **(environment or {})})
         self._exit.callback(stop, process)
         self._pending.append((name, process, ready_url, log))

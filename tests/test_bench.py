@@ -556,3 +556,13 @@ def test_concurrent_first_uses_compile_one_cached_binary_per_source(tmp_path: Pa
     assert [path.name for path in tmp_path.iterdir()] == [built[0].name]  # no temporary left behind
     assert os.access(built[0], os.X_OK)
     assert openloop.build_client(build_dir=tmp_path) == built[0]  # cached: not compiled again
+
+
+def test_compare_refuses_bad_arguments_and_unknown_commits(tmp_path: Path) -> None:
+    from bench import compare
+
+    with pytest.raises(SystemExit) as exited:
+        compare.main(["--base", "HEAD", "--pairs", "0"])
+    assert exited.value.code == 2
+    with pytest.raises(BenchError, match="git worktree add no-such-commit failed"):
+        compare.checkout("no-such-commit", tmp_path)
