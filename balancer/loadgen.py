@@ -121,6 +121,7 @@ async def run_load(
                     else:
                         result.feedback_errors += 1
             except (TimeoutError, aiohttp.ClientError):
+                _reraise_if_cancelled()
                 result.feedback_errors += 1
 
         async def worker(jobs: list[tuple[str, int]]) -> None:
@@ -142,6 +143,7 @@ async def run_load(
                         variant = reply.headers.get("X-Variant", "?")
                         request_id = reply.headers.get("X-Request-ID", "")
                 except (TimeoutError, aiohttp.ClientError):
+                    _reraise_if_cancelled()
                     status, variant, request_id, body = 0, "?", "", b""
                 result.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
                 result.sent += 1
@@ -173,6 +175,17 @@ async def run_load(
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
     return result
+
+
+def _reraise_if_cancelled() -> None:
+    """Keep a cancellation (Ctrl-C) that the HTTP client reported as one of its own errors.
+
+    A request cancelled at the wrong moment can surface as a client error; caught as a failed
+    request, the worker would go on sending and Ctrl-C would not stop the load.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:

@@ -71,8 +71,12 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 130
     finally:
-        if demo.poll() is None:
+        if demo.poll() is None:  # the demo hung: kill what it started too, or its ports stay taken
             demo.kill()
+            demo.wait()
+            for pid in started_pids(log.read_text()):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
     text = log.read_text()
     assert "interrupted: every process is stopped" in text and "Traceback" not in text
     pids = started_pids(text)
