@@ -61,6 +61,9 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         demo = subprocess.Popen(
             [sys.executable, "-m", "balancer", "demo", "--requests", "100000", "--workdir", str(tmp_path)],
             cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+            # As from a terminal: a suite started in the background (`cmd &` in a script) inherits
+            # SIGINT ignored, and the demo would never see the Ctrl-C this test sends.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 120
