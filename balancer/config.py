@@ -63,6 +63,9 @@ class UpstreamSettings(_Frozen):
     total_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
     retries: Annotated[int, Field(ge=0, le=5)] = 1
     max_idle_connections: Annotated[int, Field(ge=0, le=10_000)] = 64
+    # Below common servers' keep-alive timeouts (uvicorn 5 s, nginx and aiohttp 75 s): a connection
+    # the upstream is about to close is not reused, it is closed here first.
+    idle_connection_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 4.0
     dns_refresh_s: Annotated[float, Field(ge=0)] = 5.0
     health_check_interval_s: Annotated[float, Field(ge=0)] = 2.0
     health_check_path: str = "/healthz"

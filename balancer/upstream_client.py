@@ -47,7 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "transport", "parser", "on_done", "headers", "body", "closed", "keep_alive",
-        "received_any", "address", "deadline", "timeout", "response_headers", "head", "pool",
+        "received_any", "address", "deadline", "idle_since", "timeout", "response_headers", "head", "pool",
     )
 
     def __init__(self, pool: ConnectionPool) -> None:
@@ -62,6 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.received_any = False
         self.deadline = 0.0  # loop time after which the pool's sweep fails the request
+        self.idle_since = 0.0  # loop time it went back into the pool
         self.timeout = 0.0
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.head = False
@@ -158,13 +159,15 @@ class UpstreamConnection(asyncio.Protocol):
 class ConnectionPool:
     """Idle keep-alive connections to one upstream address (host, port)."""
 
-    def __init__(self, host: str, port: int, *, max_idle: int = 64, connect_timeout: float = 1.0) -> None:
+    def __init__(self, host: str, port: int, *, max_idle: int = 64, connect_timeout: float = 1.0,
+                 idle_timeout: float = 4.0) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.authority = (f"[{host}]" if ":" in host else host) + ("" if port == 80 else f":{port}")
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout  # seconds an idle connection may wait for reuse before it is closed
         self._idle: deque[UpstreamConnection] = deque()
         self._busy: set[UpstreamConnection] = set()
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -226,12 +229,24 @@ class ConnectionPool:
             self._sweep_handle = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def release(self, connection: UpstreamConnection) -> None:
-        """A connection finished its exchange: keep it for reuse if it may be reused."""
+        """A connection finished its exchange: keep it for reuse if it may be reused; close the long idle ones."""
         self._busy.discard(connection)
-        if connection.keep_alive and not connection.closed and not self._closed and len(self._idle) < self.max_idle:
-            self._idle.append(connection)
+        idle = self._idle
+        if connection.keep_alive and not connection.closed and not self._closed and len(idle) < self.max_idle:
+            now = self._now()
+            connection.idle_since = now
+            idle.append(connection)
+            stale = now - self.idle_timeout
+            while idle[0].idle_since < stale:  # the oldest sit on the left; the one just added is fresh
+                idle.popleft().close()
         else:
             connection.close()
+
+    def _now(self) -> float:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
 
     def forget(self, connection: UpstreamConnection) -> None:
         """A connection closed: it is neither busy nor idle any more (idle ones are skipped when taken)."""
@@ -247,12 +262,22 @@ class ConnectionPool:
         )
 
     def take_idle(self) -> UpstreamConnection | None:
-        """An idle keep-alive connection, or None (then `request` connects)."""
+        """The most recently used idle keep-alive connection, or None (then `request` connects).
+
+        One idle longer than `idle_timeout` is closed instead: the upstream may be closing it
+        right now, and a request sent into that race fails or runs twice. The others are older.
+        """
         idle = self._idle
         while idle:
             connection = idle.pop()
-            if not connection.closed:
-                return connection
+            if connection.closed:
+                continue
+            if connection.idle_since < self._now() - self.idle_timeout:
+                connection.close()
+                while idle:
+                    idle.pop().close()
+                return None
+            return connection
         return None
 
     async def _connect(self) -> UpstreamConnection:

@@ -160,10 +160,12 @@ class UpstreamRegistry:
                 port,
                 max_idle=self.settings.max_idle_connections,
                 connect_timeout=self.settings.connect_timeout_s,
+                idle_timeout=self.settings.idle_connection_timeout_s,
             )
             self._pools[address] = pool
         pool.connect_timeout = self.settings.connect_timeout_s
         pool.max_idle = self.settings.max_idle_connections
+        pool.idle_timeout = self.settings.idle_connection_timeout_s
         return pool
 
     # passive health

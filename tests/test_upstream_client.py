@@ -66,6 +66,31 @@ async def test_keep_alive_connections_are_reused(server) -> None:  # type: ignor
     pool.close()
 
 
+async def test_idle_connections_past_the_idle_timeout_are_closed_not_reused(server) -> None:  # type: ignore[no-untyped-def]
+    port, connections = await server(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    pool = ConnectionPool("127.0.0.1", port, idle_timeout=0.2)
+    first, second = await asyncio.gather(pool.request(request(pool), 1.0), pool.request(request(pool), 1.0))
+    assert first.body == second.body == b"ok" and connections[0] == 2 and pool.idle_count == 2
+    await pool.request(request(pool), 1.0)  # reuses the freshest within the timeout
+    assert connections[0] == 2
+    await asyncio.sleep(0.3)
+    await pool.request(request(pool), 1.0)  # both idle too long: closed, a new connection instead
+    assert connections[0] == 3 and pool.idle_count == 1
+    pool.close()
+
+
+async def test_a_release_closes_the_connections_idle_too_long(server) -> None:  # type: ignore[no-untyped-def]
+    port, connections = await server(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    pool = ConnectionPool("127.0.0.1", port, idle_timeout=5.0)
+    await asyncio.gather(pool.request(request(pool), 1.0), pool.request(request(pool), 1.0))
+    assert pool.idle_count == 2
+    oldest = pool._idle[0]
+    oldest.idle_since -= 10  # waited past the timeout while the other was reused
+    await pool.request(request(pool), 1.0)  # takes the fresh one; its release drops the stale one
+    assert pool.idle_count == 1 and oldest.closed and connections[0] == 2
+    pool.close()
+
+
 async def test_chunked_response_is_reassembled(server) -> None:  # type: ignore[no-untyped-def]
     port, _ = await server(lambda head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
     pool = ConnectionPool("127.0.0.1", port)
