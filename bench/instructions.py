@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -101,6 +102,7 @@ async def drive(kind: str, requests: int, workdir: Path) -> int:
     answers: list[bytes] = []
 
     for pool in pools:  # one kept-alive connection per pool, whose writes are captured: nothing connects
+        pool.idle_timeout = math.inf  # under valgrind a pool can sit unused for longer than the real timeout
         connection = UpstreamConnection(pool)
         connection.connection_made(_FakeTransport(lambda data, connection=connection: sent.append(connection)))  # type: ignore[arg-type]
         connection.keep_alive = True
