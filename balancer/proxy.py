@@ -34,6 +34,7 @@ OVERRIDE_HEADER = "X-Variant"
 _OVERLOAD_HEADERS = b"Retry-After: 1\r\n"
 _IDS_PER_BLOCK: Final = 4096
 _ENTROPY_BYTES_PER_ID: Final = 6
+_ENTROPY_HEX_PER_ID: Final = 2 * _ENTROPY_BYTES_PER_ID
 _LOW_COUNTER_DIGITS: Final = [f"{index:03x}" for index in range(_IDS_PER_BLOCK)]
 
 
@@ -144,8 +145,8 @@ class Proxy:
             self._id_block = f"{self._id_prefix}{self._id_blocks:07x}"
             self._id_blocks += 1
             at = 0
-        self._id_entropy_at = at + 2 * _ENTROPY_BYTES_PER_ID
-        return self._id_block + _LOW_COUNTER_DIGITS[at // (2 * _ENTROPY_BYTES_PER_ID)] + self._id_entropy[at:at + 2 * _ENTROPY_BYTES_PER_ID]
+        self._id_entropy_at = at + _ENTROPY_HEX_PER_ID
+        return self._id_block + _LOW_COUNTER_DIGITS[at // _ENTROPY_HEX_PER_ID] + self._id_entropy[at:at + _ENTROPY_HEX_PER_ID]
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (graceful stop); False if the timeout passed first."""

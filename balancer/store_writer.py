@@ -91,9 +91,7 @@ def insert_requests(connection: sqlite3.Connection, rows: Sequence[Row], stateme
     width = len(store.REQUEST_COLUMNS)
     for size, statement in statements.items():
         while count - start >= size:
-            parameters = list(chain.from_iterable(rows[start:start + size]))
-            if len(parameters) != size * width:
-                raise sqlite3.ProgrammingError(f"a request record must have {width} columns")
+            parameters = list(chain.from_iterable(rows[start:start + size]))  # a short row: SQLite refuses the count
             for position in _NULLABLE_POSITIONS:
                 for index in range(position, len(parameters), width):
                     if parameters[index] is None:
@@ -126,13 +124,12 @@ class StoreWriter:
     def write(self, requests: Sequence[Row], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
         """Commit the batch; the refused records are left out and reported, a transient failure writes nothing."""
         try:
-            return self._transaction(lambda: self._write_all(requests, feedback, configs))
-        except TRANSIENT_ERRORS as exc:
-            return Outcome(error=f"{type(exc).__name__}: {exc}")
-        except sqlite3.Error:
-            pass  # some record is refused: write them one by one to find it
-        try:
-            return self._transaction(lambda: self._write_each(requests, feedback, configs))
+            try:
+                return self._transaction(lambda: self._write_all(requests, feedback, configs))
+            except TRANSIENT_ERRORS:
+                raise
+            except sqlite3.Error:  # some record is refused: write them one by one to find it
+                return self._transaction(lambda: self._write_each(requests, feedback, configs))
         except TRANSIENT_ERRORS as exc:
             return Outcome(error=f"{type(exc).__name__}: {exc}")
 

@@ -219,10 +219,7 @@ class ConnectionPool:
         The callback form of `request`, for callers that can continue without a task; it does
         not retry on a fresh connection (the caller sees the retryable UpstreamClosedError).
         """
-        loop = self._loop
-        if loop is None:
-            # Kept: on Python 3.11 every get_running_loop() costs a getpid() system call.
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         connection.send(payload, loop.time() + timeout, timeout, head, on_done)
         self._busy.add(connection)
         if self._sweep_handle is None:
@@ -242,11 +239,15 @@ class ConnectionPool:
         else:
             connection.close()
 
-    def _now(self) -> float:
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop, kept: on Python 3.11 every get_running_loop() costs a getpid() system call."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        return loop.time()
+        return loop
+
+    def _now(self) -> float:
+        return self._running_loop().time()
 
     def forget(self, connection: UpstreamConnection) -> None:
         """A connection closed: it is neither busy nor idle any more (idle ones are skipped when taken)."""

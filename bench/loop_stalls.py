@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from balancer import store
 from balancer.events import EventLog
 from balancer.store_writer import StoreWriter
+from bench.store_insert import synthetic_row
 
 STALL_S = 0.001
 
@@ -51,11 +52,6 @@ class Stalls:
             return 0.0
         ordered = sorted(self.gaps)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def _row(index: int, now: float) -> tuple[object, ...]:
-    return (f"0123456789{index:010x}{index * 7919 % (1 << 48):012x}", now, "bench", 1,
-            "model_a" if index % 2 else "model_b", "127.0.0.1:9101", "sticky", f"user-{index % 1000}", 200, 1.25, None)
 
 
 WRITERS = ("writer process", "writer thread")
@@ -115,7 +111,7 @@ async def _spin(log: _Log, rate: float, seconds: float) -> tuple[int, list[float
         last = now
         due = int((now - start) * rate)
         while recorded < due:
-            log.record_request(_row(recorded, now))
+            log.record_request(synthetic_row(recorded, now))
             recorded += 1
         await asyncio.sleep(0)
     return recorded, gaps

@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from bench.profile import SAMPLE_RATE_HZ, Profile
-from bench.runs import FixedRateSample, SaturationSample, Settings, median
 from bench.instructions import FLUSH_EVERY, LONG_RUN, SHORT_RUN, WRITER
 from bench.loop_stalls import STALL_S, WRITERS, Stalls
+from bench.profile import SAMPLE_RATE_HZ, Profile
+from bench.runs import FixedRateSample, SaturationSample, Settings, median
 from bench.stack import (
     AIOHTTP_FLOOR_LABEL,
     ASYNCIO_LABEL,
@@ -65,6 +65,10 @@ class BenchResults:
         """Throughput lost to outcome logging + metrics, in %: from the back-to-back pairs, else the rounds' medians."""
         if self.cost_ratios:
             return 100 * (1 - statistics.median(self.cost_ratios))
+        return self.round_logging_cost()
+
+    def round_logging_cost(self) -> float | None:
+        """The same from the medians over rounds of the two configurations (None if either was not run)."""
         full, lean = self.target("noop", "balancer"), self.target("noop", "balancer", FEATURE_BASELINE)
         if full is None or lean is None:
             return None
@@ -286,8 +290,8 @@ def _feature_section(results: BenchResults) -> str:
             f"| {label} | {_number(results.rps(target), 0)} | {_signed(_percent(results.rps(target), results.rps(lean)) - 100, 1)} % "
             f"| {_number(results.hop_cpu(target), 0)} | {_signed(results.hop_cpu(target) - results.hop_cpu(lean), 0)} |\n")
     random = results.target("noop", "balancer", "random")
-    unpaired = 100 - _percent(results.rps(full), results.rps(lean))
-    lines = [f"\nIn the rounds above (medians), outcome logging + metrics cost {_number(unpaired, 1)} % of throughput and "
+    lines = [f"\nIn the rounds above (medians), outcome logging + metrics cost "
+             f"{_number(results.round_logging_cost() or 0.0, 1)} % of throughput and "
              f"{_signed(results.hop_cpu(full) - results.hop_cpu(lean), 0)} µs of balancer CPU per request "
              "(the balancer's process and its store writer's).\n"]
     if results.cost_ratios:

@@ -51,14 +51,16 @@ METHODS: dict[str, Callable[[sqlite3.Connection, list[Row]], None]] = {
 }
 
 
+def synthetic_row(index: int, ts: float) -> Row:
+    """Row `index`, shaped like the balancer's: a sortable id, two variants, a sticky unit, a latency."""
+    return (f"0123456789{index:010x}{index * 7919 % (1 << 48):012x}", ts, "bench", 1,
+            "model_a" if index % 2 else "model_b", "127.0.0.1:9101", "sticky", f"user-{index % 1000}", 200, 1.25, None)
+
+
 def synthetic_rows(count: int) -> list[Row]:
-    """Rows shaped like the balancer's: sortable ids, two variants, a sticky unit, a latency."""
+    """`count` rows one millisecond apart."""
     now = time.time()
-    return [
-        (f"0123456789{index:010x}{index * 7919 % (1 << 48):012x}", now + index / 1000, "bench", 1,
-         "model_a" if index % 2 else "model_b", "127.0.0.1:9101", "sticky", f"user-{index % 1000}", 200, 1.25, None)
-        for index in range(count)
-    ]
+    return [synthetic_row(index, now + index / 1000) for index in range(count)]
 
 
 def measure(method: Callable[[sqlite3.Connection, list[Row]], None], rows: list[Row], batch: int) -> float:
