@@ -22,6 +22,13 @@ killed with SIGKILL loses only what it had not yet sent.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the writer process, one thread: before sqlite3 is first imported (see the module)
+    from balancer import sqlite_single_thread
+
+    sqlite_single_thread.configure()
+
 import argparse
 import logging
 import marshal
@@ -29,7 +36,6 @@ import os
 import signal
 import sqlite3
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
