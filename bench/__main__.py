@@ -118,7 +118,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 by_name["noop balancer"], by_name[f"noop balancer ({FEATURE_BASELINE})"], settings.cost_pairs,
                 partial(saturate, seconds=settings.cost_pair_s), pause_s=settings.pause_s)
             rates = {target.kind: median([s.requests_per_second for s in saturation[target.name]]) / 2
-                     for target in latency_targets if target.hop == "balancer"}
+                     for target in latency_targets if target.name == f"{target.kind} balancer"}
             fixed_rate = interleaved(
                 latency_targets, settings.rounds,
                 lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
@@ -180,6 +180,8 @@ def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
         if kind == "noop":
             saturation_targets += [stack.floor(kind, upstreams, backend_pids, server) for server in ("balancer", "aiohttp")]
         latency_targets += main_three
+        if kind == "noop":  # the same rate with the outcome log and metrics off: is the log in the tail?
+            latency_targets += [target for target in balancers if target.name.endswith(f"({FEATURE_BASELINE})")]
     stack.ready()
     for target in saturation_targets:
         if target.hop != "direct":

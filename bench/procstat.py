@@ -105,3 +105,27 @@ def cpu_between(before: Mapping[int, ProcessTimes], after: Mapping[int, ProcessT
 def microseconds_per_request(cpu_seconds: float, requests: int) -> float:
     """CPU cost of one request in µs (NaN when nothing was served)."""
     return cpu_seconds / requests * 1e6 if requests > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class MachineTimes:
+    """The first line of /proc/stat: CPU time of every core so far, in clock ticks."""
+
+    total_ticks: int
+    steal_ticks: int  # time the hypervisor ran something else while this machine had work
+
+
+def machine_times(proc: Path = Path("/proc")) -> MachineTimes:
+    """All cores' CPU time so far; the fields after the label are user nice system idle iowait irq softirq steal ..."""
+    fields = (proc / "stat").read_text().split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        raise ValueError(f"not the first line of /proc/stat: {fields[:10]!r}")
+    # guest time (fields 9 and 10) is already counted in user and nice
+    ticks = [int(value) for value in fields[1:9]]
+    return MachineTimes(total_ticks=sum(ticks), steal_ticks=ticks[7])
+
+
+def steal_share(before: MachineTimes, after: MachineTimes) -> float:
+    """Fraction of all cores' time in between that the hypervisor took (NaN over no time)."""
+    total = after.total_ticks - before.total_ticks
+    return (after.steal_ticks - before.steal_ticks) / total if total > 0 else float("nan")

@@ -99,6 +99,22 @@ class BenchResults:
         samples = self.fixed_rate.get(target.name, []) if target is not None else []
         return median([sample.p50_ms if percentile == "p50" else sample.p99_ms for sample in samples])
 
+    def fixed_rate_hop_cpu(self, target: Target | None) -> float:
+        """Median CPU µs per request of the hop's processes at the fixed rate."""
+        return self._median_fixed_rate(target, lambda sample: sample.proxy_us_per_request)
+
+    def fixed_rate_busy(self, target: Target | None) -> float:
+        """Median share of one core the hop's processes used at the fixed rate."""
+        return self._median_fixed_rate(target, lambda sample: sample.proxy_busy)
+
+    def fixed_rate_steal(self, target: Target | None) -> float:
+        """Median share of the machine's CPU time the hypervisor took during the fixed-rate runs."""
+        return self._median_fixed_rate(target, lambda sample: sample.steal)
+
+    def _median_fixed_rate(self, target: Target | None, value: Callable[[FixedRateSample], float | None]) -> float:
+        samples = self.fixed_rate.get(target.name, []) if target is not None else []
+        return median([value(sample) for sample in samples])
+
     def _median_saturation(self, target: Target | None, value: Callable[[SaturationSample], float | None]) -> float:
         samples = self.saturation.get(target.name, []) if target is not None else []
         return median([value(sample) for sample in samples])
@@ -177,6 +193,7 @@ def render_report(results: BenchResults) -> str:
         _feature_section(results),
         _targets_section(results),
         _bounds_section(results),
+        _tail_section(results),
         _instructions_section(results),
         _stalls_section(results),
         _profile_section(results),
@@ -396,6 +413,40 @@ def _stalls_section(results: BenchResults) -> str:
     )
 
 
+def _tail_section(results: BenchResults) -> str:
+    """What the fixed-rate runs say about the p99: how busy each hop was, with and without the outcome log."""
+    direct, full, nginx = (results.target("noop", hop) for hop in ("direct", "balancer", "nginx"))
+    lean = results.target("noop", "balancer", FEATURE_BASELINE)
+    if direct is None or full is None or nginx is None or not results.fixed_rate.get(full.name):
+        return "## What bounds the tail latency\n\n_Not measured in this run._\n"
+    rate = results.rates.get("noop", float("nan"))
+    rows = []
+    for label, target in (("balancer", full), (f"balancer, {FEATURE_BASELINE}", lean), ("nginx", nginx)):
+        if target is None or not results.fixed_rate.get(target.name):
+            continue
+        at_rate, saturated = results.fixed_rate_hop_cpu(target), results.hop_cpu(target)
+        rows.append(
+            f"| {label} | {_number(results.latency(target, 'p99'), 2)} "
+            f"| {_signed(results.latency(target, 'p99') - results.latency(direct, 'p99'))} "
+            f"| {_number(at_rate, 0)} | {_number(saturated, 0)} | {_number(at_rate / saturated, 1)}× "
+            f"| {_number(100 * results.fixed_rate_busy(target), 0)} % |\n")
+    steal = [sample.steal for samples in results.fixed_rate.values() for sample in samples]
+    return (
+        "## What bounds the tail latency\n\n"
+        f"The fixed-rate runs of the no-op backends ({rate:.0f} req/s), with the CPU the hop's processes used during "
+        "each whole run (warm-up included; the balancer's store writer process counts). \"Busy\" is that CPU time "
+        "over the run's wall time: 100 % is one core kept busy. Below saturation a request costs more CPU than at "
+        "saturation: each one wakes the process from `epoll_wait` on its own instead of arriving in a batch that "
+        "one wake-up serves.\n\n"
+        "| hop | p99 ms | added p99 ms | CPU µs/req at the fixed rate | at saturation | ratio | busy |\n"
+        "|---|---|---|---|---|---|---|\n" + "".join(rows)
+        + f"\nThe hypervisor took {_number(100 * median(steal), 1)} % of the machine's CPU time during the fixed-rate "
+        f"runs (median; from {_number(100 * min(steal, default=float('nan')), 1)} % to "
+        f"{_number(100 * max(steal, default=float('nan')), 1)} %, `steal` in `/proc/stat`): time in which every "
+        "process here, client included, waited.\n"
+    )
+
+
 def _instructions_section(results: BenchResults) -> str:
     """Instructions per request from valgrind: the same split as above, immune to the machine's noise."""
     title = "## Instructions per request\n\n"
@@ -493,7 +544,10 @@ def _raw_section(results: BenchResults) -> str:
             rows.append(f"| fixed rate | {target.name} | {index} | {fixed.achieved_rps:.0f} of {fixed.rate:.0f} req/s, "
                         f"p50 {fixed.p50_ms:.2f} ms, p99 {fixed.p99_ms:.2f} ms, p99.9 {fixed.p999_ms:.2f} ms; "
                         f"queued {fixed.queued}, client late p99 {fixed.late_ms_p99:.1f} ms, client CPU "
-                        f"{fixed.client_cpu_s / max(fixed.completed, 1) * 1e6:.0f} µs/req | {fixed.errors} |\n")
+                        f"{fixed.client_cpu_s / max(fixed.completed, 1) * 1e6:.0f} µs/req"
+                        + ("" if fixed.proxy_us_per_request is None or fixed.proxy_busy is None else
+                           f", hop {fixed.proxy_us_per_request:.0f} µs/req (busy {100 * fixed.proxy_busy:.0f} %)")
+                        + f", steal {100 * fixed.steal:.1f} % | {fixed.errors} |\n")
     return ("## Every run\n\n<details><summary>Raw samples, in round order per configuration</summary>\n\n"
             "| phase | configuration | round | result | errors |\n|---|---|---|---|---|\n" + "".join(rows)
             + "\n</details>\n")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.errors import BenchError
-from bench.procstat import CpuUsage, cpu_between, microseconds_per_request, process_tree, snapshot
+from bench.procstat import (CpuUsage, cpu_between, machine_times, microseconds_per_request, process_tree, snapshot,
+                            steal_share)
 from bench.stack import Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
 from tests.processes import REPO
@@ -118,6 +119,20 @@ class FixedRateSample:
     p999_ms: float
     late_ms_p99: float
     client_cpu_s: float
+    dispatched: int = 0  # requests of the whole run: those measured plus the warm-up's (at the same rate)
+    seconds: float = math.nan  # wall time of the whole run, warm-up included
+    proxy_cpu: CpuUsage | None = None  # the hop's processes over the whole run (None for direct runs)
+    steal: float = math.nan  # share of the machine's CPU time the hypervisor took meanwhile
+
+    @property
+    def proxy_us_per_request(self) -> float | None:
+        """CPU µs of the hop's processes per request dispatched (None for direct runs)."""
+        return None if self.proxy_cpu is None else microseconds_per_request(self.proxy_cpu.total_s, self.dispatched)
+
+    @property
+    def proxy_busy(self) -> float | None:
+        """The hop's CPU seconds per second of the run: 1.0 is one core kept busy (None for direct runs)."""
+        return None if self.proxy_cpu is None else self.proxy_cpu.total_s / self.seconds
 
 
 def saturation_sample(result: WrkResult, proxy_cpu: CpuUsage | None, backend_cpu: CpuUsage) -> SaturationSample:
@@ -156,10 +171,14 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
     """Open-loop load at `rate` requests/s; latency percentiles from bench.openloop."""
     command = openloop_command(target, rate, settings, body_file)
     limit = settings.warmup_s + settings.fixed_rate_s + 30
+    proxy_pids = process_tree(target.proxy_pid) if target.proxy_pid is not None else []
+    proxy_before, machine_before, started = snapshot(proxy_pids), machine_times(), time.monotonic()
     try:
         completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
+    # the client's start-up (about a millisecond: it is compiled and cached) is inside this window
+    seconds, machine_after, proxy_after = time.monotonic() - started, machine_times(), snapshot(proxy_pids)
     if completed.returncode != 0:
         raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -170,7 +189,10 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
     return FixedRateSample(rate=summary["rate"], achieved_rps=summary["achieved_rps"], completed=summary["completed"],
                            errors=summary["errors"], queued=summary["queued"], p50_ms=latency["p50"],
                            p99_ms=latency["p99"], p999_ms=latency["p99.9"], late_ms_p99=summary["late_ms_p99"],
-                           client_cpu_s=summary["client_cpu_s"])
+                           client_cpu_s=summary["client_cpu_s"], seconds=seconds,
+                           dispatched=summary["sent"] + round(rate * settings.warmup_s),
+                           proxy_cpu=cpu_between(proxy_before, proxy_after) if proxy_pids else None,
+                           steal=steal_share(machine_before, machine_after))
 
 
 def interleaved(targets: Sequence[Target], rounds: int, measure: Callable[[Target], Sample], *,

@@ -36,10 +36,12 @@ from bench.procstat import (
     CpuUsage,
     cpu_between,
     descendants,
+    machine_times,
     microseconds_per_request,
     parse_stat,
     process_tree,
     snapshot,
+    steal_share,
 )
 from bench.profile import parse_collapsed
 from bench.report import BenchResults, evaluate_targets, render_report
@@ -192,9 +194,11 @@ def _results() -> BenchResults:
         return [SaturationSample(requests=int(rps * 10), seconds=10.0, errors=0, p50_ms=1.0, p99_ms=2.0,
                                  proxy_cpu=hop, backend_cpu=CpuUsage(user_s=0.1, system_s=0.0))]
 
-    def fixed(p50: float, p99: float) -> list[FixedRateSample]:
+    def fixed(p50: float, p99: float, hop_cpu_s: float | None = None) -> list[FixedRateSample]:
         return [FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=p50,
-                                p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2)]
+                                p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2, dispatched=5500,
+                                seconds=11.0, steal=0.04,
+                                proxy_cpu=None if hop_cpu_s is None else CpuUsage(user_s=hop_cpu_s, system_s=0.0))]
 
     targets = [Target(name=f"noop {hop}", kind="noop", hop=hop, url="http://h:1/predict")
                for hop in ("direct", "balancer", "nginx")]
@@ -203,7 +207,7 @@ def _results() -> BenchResults:
         settings=QUICK, quick=True, targets=targets,
         saturation={"noop direct": saturation(10_000, None), "noop balancer": saturation(1_000, 200),
                     "noop nginx": saturation(5_000, 50), "noop balancer (outcomes and metrics off)": saturation(1_250, 150)},
-        fixed_rate={"noop direct": fixed(0.3, 2.0), "noop balancer": fixed(0.8, 9.0), "noop nginx": fixed(0.5, 3.0)},
+        fixed_rate={"noop direct": fixed(0.3, 2.0), "noop balancer": fixed(0.8, 9.0, 2.2), "noop nginx": fixed(0.5, 3.0, 0.55)},
         rates={"noop": 500.0}, machine={"nproc": "2"}, load_before="1 / 1 / 1", load_after="2 / 1 / 1",
         started=datetime(2026, 1, 1, tzinfo=UTC), seconds=60.0, commands={"harness": "make bench"},
         feature_labels=["default", "outcomes and metrics off"],
@@ -566,3 +570,31 @@ def test_compare_refuses_bad_arguments_and_unknown_commits(tmp_path: Path) -> No
     assert exited.value.code == 2
     with pytest.raises(BenchError, match="git worktree add no-such-commit failed"):
         compare.checkout("no-such-commit", tmp_path)
+
+
+def test_machine_times_read_steal_from_the_first_line_of_proc_stat(tmp_path: Path) -> None:
+    (tmp_path / "stat").write_text("cpu  100 5 30 800 10 0 5 50 7 0\ncpu0 50 2 15 400 5 0 2 25 0 0\n")
+    before = machine_times(tmp_path)
+    assert (before.total_ticks, before.steal_ticks) == (1000, 50)  # guest time (7) is inside user already
+    (tmp_path / "stat").write_text("cpu  200 5 30 1600 10 0 5 150 7 0\n")
+    assert steal_share(before, machine_times(tmp_path)) == pytest.approx(100 / 1000)
+    assert math.isnan(steal_share(before, before))
+    (tmp_path / "stat").write_text("intr 1 2 3\n")
+    with pytest.raises(ValueError, match="not the first line of /proc/stat"):
+        machine_times(tmp_path)
+
+
+def test_the_tail_section_compares_cpu_per_request_at_the_fixed_rate_with_saturation() -> None:
+    results = _results()
+    sample = results.fixed_rate["noop balancer"][0]
+    assert sample.proxy_us_per_request == pytest.approx(400.0)  # 2.2 s over 5,500 requests
+    assert sample.proxy_busy == pytest.approx(0.2)  # 2.2 s of CPU in 11 s
+    assert results.fixed_rate["noop direct"][0].proxy_us_per_request is None
+    report = render_report(results)
+    assert "## What bounds the tail latency" in report
+    # saturation: 200 µs/req for the balancer, 50 for nginx
+    assert "| balancer | 9.00 | +7.00 | 400 | 200 | 2.0× | 20 % |" in report
+    assert "| nginx | 3.00 | +1.00 | 100 | 50 | 2.0× | 5 % |" in report
+    assert "outcomes and metrics off |" not in report.split("## What bounds the tail latency")[1].split("##")[0]
+    assert "The hypervisor took 4.0 % of the machine's CPU time during the fixed-rate runs" in report
+    assert "hop 400 µs/req (busy 20 %), steal 4.0 %" in report
