@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"wrote {args.output} ({results.seconds / 60:.1f} min; load average {results.load_before} → "
                   f"{results.load_after})")
     for check in evaluate_targets(results):
-        verdict = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}[check.met]
+        colour = {True: "green", False: "red", None: "white"}[check.met] if check.established else "yellow"
+        verdict = f"[{colour}]{check.verdict}[/{colour}]"
         console.print(f"  {check.kind:5} {check.goal}: {check.measured:.2f} {check.unit} {verdict} {check.shortfall}")
     return 0
 

@@ -81,6 +81,9 @@ def build_client(source: Path = SOURCE, build_dir: Path = BUILD_DIR) -> Path:
         if compiled.returncode != 0:
             raise BenchError(f"{compiler} could not compile {source}: {compiled.stderr.strip()[-2000:]}")
         os.replace(temporary, binary)
+    for stale in build_dir.glob(f"{source.stem}-*"):  # clients compiled from earlier versions of the source
+        if stale != binary and stale.is_file():
+            stale.unlink(missing_ok=True)
     return binary
 
 

@@ -44,7 +44,7 @@ from bench.procstat import (
     steal_share,
 )
 from bench.profile import parse_collapsed
-from bench.report import BenchResults, evaluate_targets, render_report
+from bench.report import BenchResults, Check, evaluate_targets, render_report
 from bench.runs import QUICK, FixedRateSample, SaturationSample, openloop_command, paired_ratios
 from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
 from bench.tools import ensure_tools, find_tool
@@ -562,6 +562,18 @@ def test_concurrent_first_uses_compile_one_cached_binary_per_source(tmp_path: Pa
     assert openloop.build_client(build_dir=tmp_path) == built[0]  # cached: not compiled again
 
 
+@pytest.mark.usefixtures("openloop_client")
+def test_a_client_built_from_an_edited_source_replaces_the_earlier_one(tmp_path: Path) -> None:
+    edited = tmp_path / "openloop.c"
+    edited.write_text(openloop.SOURCE.read_text())
+    build = tmp_path / "build"
+    first = openloop.build_client(edited, build)
+    edited.write_text(openloop.SOURCE.read_text() + "\n/* edited */\n")
+    second = openloop.build_client(edited, build)
+    assert first != second
+    assert [path.name for path in build.iterdir()] == [second.name]  # the earlier binary is gone
+
+
 def test_compare_refuses_bad_arguments_and_unknown_commits(tmp_path: Path) -> None:
     from bench import compare
 
@@ -598,3 +610,32 @@ def test_the_tail_section_compares_cpu_per_request_at_the_fixed_rate_with_satura
     assert "outcomes and metrics off |" not in report.split("## What bounds the tail latency")[1].split("##")[0]
     assert "The hypervisor took 4.0 % of the machine's CPU time during the fixed-rate runs" in report
     assert "hop 400 µs/req (busy 20 %), steal 4.0 %" in report
+
+
+def test_a_verdict_stands_only_when_the_rounds_interval_is_on_one_side_of_the_goal() -> None:
+    clear = Check("added p99", "noop", 3.0, 5.0, "ms", True, (2.0, 3.0, 4.5, 2.5, 3.5))
+    assert clear.interval == (2.0, 4.5)  # with 5 rounds: their range (94 % coverage)
+    assert (clear.met, clear.established, clear.verdict) == (True, True, "met")
+    straddling = Check("added p99", "noop", 3.0, 5.0, "ms", True, (2.0, 3.0, 40.0, 2.5, 3.5))
+    assert (straddling.met, straddling.established, straddling.verdict) == (True, False, "met, not established")
+    missed = Check("share of direct", "noop", 20.0, 50.0, "%", False, (18.0, 20.0, 22.0, 21.0, 19.0))
+    assert (missed.verdict, missed.shortfall) == ("missed", "30 points short")
+    few = Check("added p99", "noop", 3.0, 5.0, "ms", True, (2.0, 9.0))
+    assert (few.interval, few.verdict) == (None, "met")  # too few rounds to weigh: the median decides
+    assert Check("x", "noop", math.nan, 5.0, "ms", True).verdict == "not measured"
+
+
+def test_the_logging_cost_interval_comes_from_the_pairs_and_per_round_samples_feed_the_others() -> None:
+    results = _results()
+    results.cost_ratios = [0.97, 0.93, 0.95, 0.80, 0.96, 1.02, 0.70, 0.99]  # costs 3 7 5 20 4 -2 30 1 %
+    checks = {check.goal: check for check in evaluate_targets(results)}
+    cost = checks["throughput cost of outcome logging + metrics (back-to-back pairs)"]
+    assert cost.measured == pytest.approx(4.5)
+    low, high = cost.interval or (math.nan, math.nan)
+    assert (low, high) == (pytest.approx(1.0), pytest.approx(20.0))  # 8 pairs: 2nd and 7th of the sorted costs
+    assert cost.verdict == "met, not established"
+    p99 = checks["added latency p99 at half saturation (balancer − direct)"]
+    assert p99.samples == (7.0,)  # one round: 9.0 − 2.0
+    report = render_report(results)
+    assert ("| throughput cost of outcome logging + metrics (back-to-back pairs) | noop | 5 % | 1 to 20 % (8) "
+            "| ≤ 10 % | met, not established |  |") in report
