@@ -408,11 +408,11 @@ def _targets_section(results: BenchResults) -> str:
         rows.append(f"| {check.goal} | {check.kind} | {_number(check.measured, decimals)} {check.unit} | {interval} "
                     f"| {comparison} {check.limit:g} {check.unit} | {verdict} | {check.shortfall} |\n")
     return ("## Targets\n\n"
-            f"\"Interval\": the {CONFIDENCE:.0%} confidence interval of the median of the measure taken once per round "
+            f"\"Interval\": the {100 * CONFIDENCE:.0f} % confidence interval of the median of the measure taken once per round "
             "(per back-to-back pair for the logging cost; their number in brackets), from order statistics only "
             "(`scipy.stats.quantile_test`). On this shared machine one run's median can fall on either side of a "
             "goal, so a verdict stands only when the whole interval is on one side of it (one-sided "
-            f"{(1 + CONFIDENCE) / 2:.0%}); otherwise it reads \"not established\".\n\n"
+            f"{50 * (1 + CONFIDENCE):.0f} %); otherwise it reads \"not established\".\n\n"
             "| target | backends | measured | interval | goal | verdict | missed by |\n|---|---|---|---|---|---|---|\n"
             + "".join(rows))
 
