@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from scipy.stats import quantile_test
+from scipy.stats import quantile_test, spearmanr
 
 from bench.instructions import FLUSH_EVERY, LONG_RUN, REPEATS, SHORT_RUN, WRITER
 from bench.loop_stalls import STALL_S, WRITERS, Stalls
@@ -498,6 +498,8 @@ def _tail_section(results: BenchResults) -> str:
             f"| {_number(at_rate, 0)} | {_number(saturated, 0)} | {_number(at_rate / saturated, 1)}× "
             f"| {_number(100 * results.fixed_rate_busy(target), 0)} % |\n")
     steal = [sample.steal for samples in results.fixed_rate.values() for sample in samples]
+    noop_runs = {target.name: results.fixed_rate.get(target.name, [])
+                 for target in (direct, full, lean, nginx) if target is not None}
     return (
         "## What bounds the tail latency\n\n"
         f"The fixed-rate runs of the no-op backends ({rate:.0f} req/s), with the CPU the hop's processes used during "
@@ -510,8 +512,25 @@ def _tail_section(results: BenchResults) -> str:
         + f"\nThe hypervisor took {_number(100 * median(steal), 1)} % of the machine's CPU time during the fixed-rate "
         f"runs (median; from {_number(100 * min(steal, default=float('nan')), 1)} % to "
         f"{_number(100 * max(steal, default=float('nan')), 1)} %, `steal` in `/proc/stat`): time in which every "
-        "process here, client included, waited.\n"
+        "process here, client included, waited. " + steal_correlation(noop_runs) + "\n"
     )
+
+
+def steal_correlation(runs: dict[str, list[FixedRateSample]]) -> str:
+    """How a run's p99 (relative to its hop's median p99) ranks with the steal time during it: a sentence."""
+    steal, relative_p99 = [], []
+    for samples in runs.values():
+        typical = median([sample.p99_ms for sample in samples])
+        for sample in samples:
+            if not (math.isnan(sample.steal) or math.isnan(sample.p99_ms) or math.isnan(typical) or typical <= 0):
+                steal.append(sample.steal)
+                relative_p99.append(sample.p99_ms / typical)
+    if len(steal) < 5 or len(set(steal)) < 2 or len(set(relative_p99)) < 2:
+        return ""
+    rho, p_value = spearmanr(steal, relative_p99)
+    return (f"Over the {len(steal)} fixed-rate runs of the no-op backends, a run's p99 (over its path's median p99) "
+            f"and the steal during it have a Spearman rank correlation of {float(rho):.2f} (p = {float(p_value):.2g}, "
+            "`scipy.stats.spearmanr`).")
 
 
 def _instructions_section(results: BenchResults) -> str:

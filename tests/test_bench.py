@@ -44,7 +44,7 @@ from bench.procstat import (
     steal_share,
 )
 from bench.profile import parse_collapsed
-from bench.report import BenchResults, Check, evaluate_targets, render_report
+from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
 from bench.runs import QUICK, FixedRateSample, SaturationSample, openloop_command, paired_ratios
 from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
 from bench.tools import ensure_tools, find_tool
@@ -639,3 +639,18 @@ def test_the_logging_cost_interval_comes_from_the_pairs_and_per_round_samples_fe
     report = render_report(results)
     assert ("| throughput cost of outcome logging + metrics (back-to-back pairs) | noop | 5 % | 1 to 20 % (8) "
             "| ≤ 10 % | met, not established |  |") in report
+
+
+def test_the_tail_section_ranks_each_runs_p99_against_the_steal_during_it() -> None:
+    def run(p99: float, steal: float) -> FixedRateSample:
+        return FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=0.3,
+                               p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2, steal=steal)
+
+    runs = {"direct": [run(1.0, 0.01), run(2.0, 0.05), run(4.0, 0.20)],
+            "balancer": [run(5.0, 0.02), run(10.0, 0.10), run(40.0, 0.30)]}
+    sentence = steal_correlation(runs)
+    assert sentence.startswith("Over the 6 fixed-rate runs of the no-op backends")
+    assert "Spearman rank correlation of 0.97" in sentence  # ranks worked by hand: 16.5 / √(17.5 × 16.5)
+    runs["balancer"] = [run(5.0, 0.30), run(10.0, 0.10), run(40.0, 0.02)]
+    assert "correlation of -0.09" in steal_correlation(runs)  # -1.5 / √(17.5 × 16.5)
+    assert steal_correlation({"direct": [run(1.0, 0.01), run(2.0, 0.01)]}) == ""  # too few runs to rank
