@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--profile]`: run every benchmark of issue #9 and write BENCHMARKS.md."""
+"""`python -m bench [--quick] [--profile]`: run every benchmark of issue #9 and write BENCHMARKS.md (and its raw
+results, BENCHMARKS.json); `python -m bench --render BENCHMARKS.json` writes the report again from saved results."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from bench.loop_stalls import measure as measure_stalls
 from bench.nginx import nginx_command
 from bench.profile import record_profile
 from bench.report import BenchResults, evaluate_targets, render_report
+from bench.results_file import load as load_results
+from bench.results_file import save as save_results
 from bench.runs import (
     FULL,
     QUICK,
@@ -64,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md", help="report file (default: %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, stores)")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: write the report from the raw results an earlier run saved")
     return parser
 
 
@@ -77,13 +82,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = replace(settings, rounds=args.rounds)
     console = Console(stderr=True, soft_wrap=True)
     try:
-        results = run(settings, quick=args.quick, profile=args.profile, keep=args.keep)
+        if args.render is not None:
+            results = load_results(args.render)
+        else:
+            results = run(settings, quick=args.quick, profile=args.profile, keep=args.keep)
+            save_results(results, args.output.with_suffix(".json"))
     except BenchError as exc:
         console.print(f"[red]bench failed:[/red] {exc}")
         return 1
     args.output.write_text(render_report(results))
-    console.print(f"wrote {args.output} ({results.seconds / 60:.1f} min; load average {results.load_before} → "
-                  f"{results.load_after})")
+    console.print(f"wrote {args.output} ({'from ' + str(args.render) if args.render else 'and its raw results'}; "
+                  f"the run took {results.seconds / 60:.1f} min; load average {results.load_before} → {results.load_after})")
     for check in evaluate_targets(results):
         colour = {True: "green", False: "red", None: "white"}[check.met] if check.established else "yellow"
         verdict = f"[{colour}]{check.verdict}[/{colour}]"

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -21,7 +22,8 @@ import pytest
 
 from balancer import native
 from balancer.config import parse_experiment
-from bench import openloop, tools
+from bench import openloop, results_file, tools
+from bench.__main__ import main as bench_main
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
 from bench.instructions import drive
@@ -43,7 +45,8 @@ from bench.procstat import (
     snapshot,
     steal_share,
 )
-from bench.profile import parse_collapsed
+from bench.loop_stalls import WRITERS, Stalls
+from bench.profile import Profile, parse_collapsed
 from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
 from bench.runs import QUICK, FixedRateSample, SaturationSample, openloop_command, paired_ratios
 from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
@@ -302,7 +305,6 @@ def test_the_compiled_path_and_uvloop_are_compared_with_the_default() -> None:
 
 
 def test_loop_stalls_render_per_writer_and_mark_the_one_used() -> None:
-    from bench.loop_stalls import Stalls
 
     results = _results()
     results.loop_stalls = [Stalls(writer="writer process", rows=30_000, seconds=6.0, gaps=[0.0012, 0.0030]),
@@ -654,3 +656,33 @@ def test_the_tail_section_ranks_each_runs_p99_against_the_steal_during_it() -> N
     runs["balancer"] = [run(5.0, 0.30), run(10.0, 0.10), run(40.0, 0.02)]
     assert "correlation of -0.09" in steal_correlation(runs)  # -1.5 / √(17.5 × 16.5)
     assert steal_correlation({"direct": [run(1.0, 0.01), run(2.0, 0.01)]}) == ""  # too few runs to rank
+
+
+def test_saved_results_render_the_same_report_and_bad_files_are_refused(tmp_path: Path) -> None:
+    results = _results()
+    results.cost_ratios = [0.97, 0.93, 0.95, 0.80, 0.96]
+    results.instructions = {"floor": 76_000.0, "lean": 124_000.0, "default": 176_500.0, "writer": 40_000.0}
+    results.loop_stalls = [Stalls(writer=WRITERS[0], rows=30_000, seconds=6.0, gaps=[0.002, 0.004])]
+    results.profile = Profile(thread="MainThread", samples=6, self_counts=Counter({"send (s.py)": 3}),
+                              total_counts=Counter({"run (r.py)": 6}), thread_samples=Counter({"MainThread": 6}),
+                              thread_top_frame={"MainThread": ("send (s.py)", 3)})
+    results.fixed_rate["noop direct"][0] = replace(results.fixed_rate["noop direct"][0], p999_ms=math.nan)
+    path = tmp_path / "BENCHMARKS.json"
+    results_file.save(results, path)
+    again = results_file.load(path)
+    assert again == replace(results, fixed_rate=again.fixed_rate)  # NaN != NaN: the fixed-rate samples are checked below
+    assert math.isnan(again.fixed_rate["noop direct"][0].p999_ms)
+    assert render_report(again) == render_report(results)
+
+    output = tmp_path / "report.md"
+    assert bench_main(["--render", str(path), "--output", str(output)]) == 0
+    assert output.read_text() == render_report(results)
+
+    path.write_text('{"format": 0, "results": {}}')
+    with pytest.raises(BenchError, match="holds bench results of format 0; this harness reads format 1"):
+        results_file.load(path)
+    path.write_text('{"format": 1, "results": {"settings": {}}}')
+    with pytest.raises(BenchError, match="is not a complete bench results file"):
+        results_file.load(path)
+    with pytest.raises(BenchError, match="cannot read bench results"):
+        results_file.load(tmp_path / "missing.json")
