@@ -26,6 +26,7 @@ from pathlib import Path
 
 from balancer import native
 from bench.errors import BenchError
+from bench.report import CONFIDENCE, median_interval
 from bench.runs import FULL, measure_saturation, paired_ratios
 from bench.stack import BalancerOptions, Stack
 from bench.tools import ensure_tools
@@ -83,11 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder / "base")],
                            capture_output=True, check=False)
-    ordered = sorted(ratios)
-    print(f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}) / {args.base}: median "
-          f"{statistics.median(ratios):.3f} over {len(ratios)} pairs of {args.seconds:g} s "
-          f"(range {ordered[0]:.3f} to {ordered[-1]:.3f}; above 1 means this tree is faster)")
+    print(f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}) / {args.base}: "
+          + summarize(ratios, args.seconds))
     return 0
+
+
+def summarize(ratios: list[float], seconds: float) -> str:
+    """The pairs' median ratio, range and, from 5 pairs on, its interval and what it establishes."""
+    ordered = sorted(ratios)
+    text = (f"median {statistics.median(ratios):.3f} over {len(ratios)} pairs of {seconds:g} s "
+            f"(range {ordered[0]:.3f} to {ordered[-1]:.3f}; above 1 means this tree is faster)")
+    interval = median_interval(ratios)
+    if interval is None:
+        return text + "; too few pairs for an interval (5 or more)"
+    low, high = interval
+    finding = ("this tree is faster" if low > 1 else "this tree is slower" if high < 1
+               else "no difference established")
+    return text + f"; {100 * CONFIDENCE:.0f} % interval of the median {low:.3f} to {high:.3f}: {finding}"
 
 
 if __name__ == "__main__":

@@ -157,11 +157,7 @@ class Check:
         equal variances), which suits latency percentiles and throughput ratios; with 5 rounds it
         is the rounds' range, whose coverage is 1 − 2 / 2⁵ = 94 %.
         """
-        values = [value for value in self.samples if not math.isnan(value)]
-        if len(values) < 5:
-            return None
-        bounds = quantile_test(values, q=statistics.median(values), p=0.5).confidence_interval(CONFIDENCE)
-        return float(bounds.low), float(bounds.high)
+        return median_interval(self.samples)
 
     @property
     def established(self) -> bool:
@@ -191,6 +187,15 @@ class Check:
 
 # Two-sided, so a bound on the goal's side is a one-sided 95 % statement.
 CONFIDENCE = 0.90
+
+
+def median_interval(samples: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median of `samples` (NaN ignored); None with fewer than 5."""
+    values = [value for value in samples if not math.isnan(value)]
+    if len(values) < 5:
+        return None
+    bounds = quantile_test(values, q=statistics.median(values), p=0.5).confidence_interval(confidence)
+    return float(bounds.low), float(bounds.high)
 
 
 def evaluate_targets(results: BenchResults) -> list[Check]:

@@ -686,3 +686,14 @@ def test_saved_results_render_the_same_report_and_bad_files_are_refused(tmp_path
         results_file.load(path)
     with pytest.raises(BenchError, match="cannot read bench results"):
         results_file.load(tmp_path / "missing.json")
+
+
+def test_compare_states_an_interval_and_what_it_establishes() -> None:
+    from bench import compare
+
+    faster = compare.summarize([1.10, 1.05, 1.20, 1.08, 1.12], 4.0)
+    assert faster.startswith("median 1.100 over 5 pairs of 4 s (range 1.050 to 1.200")
+    assert faster.endswith("90 % interval of the median 1.050 to 1.200: this tree is faster")
+    assert compare.summarize([0.90, 0.95, 0.93, 0.97, 0.92], 4.0).endswith("this tree is slower")
+    assert compare.summarize([0.79, 0.96, 1.14, 1.00, 1.08, 0.93], 4.0).endswith("no difference established")
+    assert compare.summarize([1.1, 1.2], 4.0).endswith("too few pairs for an interval (5 or more)")
