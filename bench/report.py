@@ -6,6 +6,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 
 from scipy.stats import quantile_test, spearmanr
@@ -98,8 +99,7 @@ class BenchResults:
 
     def latency(self, target: Target | None, percentile: str) -> float:
         """Median fixed-rate latency ('p50' or 'p99') in ms."""
-        samples = self.fixed_rate.get(target.name, []) if target is not None else []
-        return median([sample.p50_ms if percentile == "p50" else sample.p99_ms for sample in samples])
+        return self._median_fixed_rate(target, lambda sample: sample.p50_ms if percentile == "p50" else sample.p99_ms)
 
     def fixed_rate_hop_cpu(self, target: Target | None) -> float:
         """Median CPU µs per request of the hop's processes at the fixed rate."""
@@ -109,17 +109,19 @@ class BenchResults:
         """Median share of one core the hop's processes used at the fixed rate."""
         return self._median_fixed_rate(target, lambda sample: sample.proxy_busy)
 
-    def fixed_rate_steal(self, target: Target | None) -> float:
-        """Median share of the machine's CPU time the hypervisor took during the fixed-rate runs."""
-        return self._median_fixed_rate(target, lambda sample: sample.steal)
+    def fixed_rate_samples(self, target: Target | None) -> list[FixedRateSample]:
+        """The target's fixed-rate runs in round order (none for a target not run)."""
+        return self.fixed_rate.get(target.name, []) if target is not None else []
+
+    def saturation_samples(self, target: Target | None) -> list[SaturationSample]:
+        """The target's saturation runs in round order (none for a target not run)."""
+        return self.saturation.get(target.name, []) if target is not None else []
 
     def _median_fixed_rate(self, target: Target | None, value: Callable[[FixedRateSample], float | None]) -> float:
-        samples = self.fixed_rate.get(target.name, []) if target is not None else []
-        return median([value(sample) for sample in samples])
+        return median([value(sample) for sample in self.fixed_rate_samples(target)])
 
     def _median_saturation(self, target: Target | None, value: Callable[[SaturationSample], float | None]) -> float:
-        samples = self.saturation.get(target.name, []) if target is not None else []
-        return median([value(sample) for sample in samples])
+        return median([value(sample) for sample in self.saturation_samples(target)])
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class Check:
     def _meets(self, value: float) -> bool:
         return value <= self.limit if self.at_most else value >= self.limit
 
-    @property
+    @cached_property
     def interval(self) -> tuple[float, float] | None:
         """The distribution-free interval (at CONFIDENCE) of the samples' median; None with fewer than 5 samples.
 
@@ -205,18 +207,13 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
         direct, balancer, nginx = (results.target(kind, hop) for hop in ("direct", "balancer", "nginx"))
         if balancer is None:
             continue
-        fixed = {target: results.fixed_rate.get(target.name, []) if target is not None else []
-                 for target in (direct, balancer)}
-        saturated = {target: results.saturation.get(target.name, []) if target is not None else []
-                     for target in (direct, balancer, nginx)}
-
         def added(percentile: str) -> tuple[float, ...]:  # per round: the balancer's percentile − direct's
-            return tuple(getattr(hop, f"{percentile}_ms") - getattr(plain, f"{percentile}_ms")
-                         for hop, plain in zip(fixed[balancer], fixed[direct], strict=False))
+            return tuple(getattr(hop, f"{percentile}_ms") - getattr(plain, f"{percentile}_ms") for hop, plain in
+                         zip(results.fixed_rate_samples(balancer), results.fixed_rate_samples(direct), strict=False))
 
         def throughput_share(other: Target | None) -> tuple[float, ...]:  # per round, in %
-            return tuple(_percent(mine.requests_per_second, theirs.requests_per_second)
-                         for mine, theirs in zip(saturated[balancer], saturated[other], strict=False))
+            return tuple(_percent(mine.requests_per_second, theirs.requests_per_second) for mine, theirs in
+                         zip(results.saturation_samples(balancer), results.saturation_samples(other), strict=False))
 
         checks += [
             Check("added latency p50 at half saturation (balancer − direct)", kind,
@@ -225,7 +222,7 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
                   results.latency(balancer, "p99") - results.latency(direct, "p99"), 5.0, "ms", True, added("p99")),
             Check("balancer CPU per request, outcome logging + metrics on", kind,
                   results.hop_cpu(balancer), 120.0, "µs", True,
-                  tuple(sample.proxy_us_per_request or math.nan for sample in saturated[balancer])),
+                  tuple(sample.proxy_us_per_request or math.nan for sample in results.saturation_samples(balancer))),
             Check("saturation throughput, balancer / direct", kind,
                   _percent(results.rps(balancer), results.rps(direct)), 50.0, "%", False, throughput_share(direct)),
             Check("saturation throughput, balancer / nginx", kind,
@@ -489,12 +486,12 @@ def _tail_section(results: BenchResults) -> str:
     """What the fixed-rate runs say about the p99: how busy each hop was, with and without the outcome log."""
     direct, full, nginx = (results.target("noop", hop) for hop in ("direct", "balancer", "nginx"))
     lean = results.target("noop", "balancer", FEATURE_BASELINE)
-    if direct is None or full is None or nginx is None or not results.fixed_rate.get(full.name):
+    if direct is None or full is None or nginx is None or not results.fixed_rate_samples(full):
         return "## What bounds the tail latency\n\n_Not measured in this run._\n"
     rate = results.rates.get("noop", float("nan"))
     rows = []
     for label, target in (("balancer", full), (f"balancer, {FEATURE_BASELINE}", lean), ("nginx", nginx)):
-        if target is None or not results.fixed_rate.get(target.name):
+        if target is None or not results.fixed_rate_samples(target):
             continue
         at_rate, saturated = results.fixed_rate_hop_cpu(target), results.hop_cpu(target)
         rows.append(
@@ -503,7 +500,7 @@ def _tail_section(results: BenchResults) -> str:
             f"| {_number(at_rate, 0)} | {_number(saturated, 0)} | {_number(at_rate / saturated, 1)}× "
             f"| {_number(100 * results.fixed_rate_busy(target), 0)} % |\n")
     steal = [sample.steal for samples in results.fixed_rate.values() for sample in samples]
-    noop_runs = {target.name: results.fixed_rate.get(target.name, [])
+    noop_runs = {target.name: results.fixed_rate_samples(target)
                  for target in (direct, full, lean, nginx) if target is not None}
     return (
         "## What bounds the tail latency\n\n"
