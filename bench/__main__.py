@@ -41,7 +41,8 @@ from bench.runs import (
     measure_saturation,
     median,
     openloop_command,
-    paired_ratios,
+    paired_samples,
+    throughput_ratio,
 )
 from bench.stack import (
     FEATURE_BASELINE,
@@ -124,7 +125,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                                      what="saturation")
             by_name = {target.name: target for target in saturation_targets}
             logger.info("measuring the cost of outcome logging + metrics in %d back-to-back pairs", settings.cost_pairs)
-            cost_ratios = paired_ratios(
+            cost_pairs = paired_samples(
                 by_name["noop balancer"], by_name[f"noop balancer ({FEATURE_BASELINE})"], settings.cost_pairs,
                 partial(saturate, seconds=settings.cost_pair_s), pause_s=settings.pause_s)
             rates = {target.kind: median([s.requests_per_second for s in saturation[target.name]]) / 2
@@ -140,7 +141,8 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 started=started, seconds=0.0,
                 commands=_commands(latency_targets, settings, rates, body_file, workdir),
                 feature_labels=[options.label for options in FEATURE_CONFIGURATIONS] + [FLOOR_LABEL],
-                cost_ratios=cost_ratios,
+                cost_ratios=[throughput_ratio(pair) for pair in cost_pairs],
+                cost_steal=[(full.steal, lean.steal) for full, lean in cost_pairs],
             )
             if profile:
                 _add_profile(results, settings, body_file, tools["wrk"], workdir)

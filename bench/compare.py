@@ -27,7 +27,7 @@ from pathlib import Path
 from balancer import native
 from bench.errors import BenchError
 from bench.report import CONFIDENCE, median_interval
-from bench.runs import FULL, measure_saturation, paired_ratios
+from bench.runs import FULL, measure_saturation, paired_samples, throughput_ratio
 from bench.stack import BalancerOptions, Stack
 from bench.tools import ensure_tools
 from tests.processes import REPO, artifacts_dir
@@ -80,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                 saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
                 for target in (this, other):  # connection pools and caches filled; not measured
                     saturate(target, seconds=settings.warmup_s)
-                ratios = paired_ratios(this, other, args.pairs, saturate, pause_s=settings.pause_s)
+                pairs = paired_samples(this, other, args.pairs, saturate, pause_s=settings.pause_s)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder / "base")],
                            capture_output=True, check=False)
     print(f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}) / {args.base}: "
-          + summarize(ratios, args.seconds))
+          + summarize([throughput_ratio(pair) for pair in pairs], args.seconds))
+    print("the same, steal-adjusted (requests/s ÷ (1 − steal) per run): "
+          + summarize([throughput_ratio(pair, steal_adjusted=True) for pair in pairs], args.seconds))
     return 0
 
 

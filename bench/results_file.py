@@ -59,6 +59,7 @@ def load(path: Path) -> BenchResults:
         fields["started"] = datetime.fromisoformat(fields["started"])
         fields["profile"] = None if fields["profile"] is None else _profile(fields["profile"])
         fields["loop_stalls"] = [Stalls(**stalls) for stalls in fields["loop_stalls"]]
+        fields["cost_steal"] = [tuple(pair) for pair in fields.get("cost_steal", [])]
         return BenchResults(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise BenchError(f"{path} is not a complete bench results file: {type(exc).__name__}: {exc}") from exc

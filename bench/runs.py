@@ -46,25 +46,33 @@ FULL = Settings(rounds=5, saturation_s=4, fixed_rate_s=4, warmup_s=0.5)
 QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5, cost_pairs=2)
 
 
-def paired_ratios(first: Target, second: Target, pairs: int, measure: Callable[[Target], SaturationSample], *,
-                  pause_s: float) -> list[float]:
-    """Throughput of `first` over `second`, measured back to back `pairs` times (alternating which goes first).
+def paired_samples(first: Target, second: Target, pairs: int, measure: Callable[[Target], SaturationSample], *,
+                   pause_s: float) -> list[tuple[SaturationSample, SaturationSample]]:
+    """`first`'s and `second`'s saturation runs, measured back to back `pairs` times (alternating which goes first).
 
     Rounds of every configuration take about a minute each, and the machine's speed drifts in
     that time; a pair measured seconds apart shares its conditions, so the ratio within a pair
     is steadier than a ratio of the two configurations' medians over rounds.
     """
-    ratios = []
+    measured = []
     for index in range(pairs):
         order = (first, second) if index % 2 == 0 else (second, first)
         samples = {}
         for target in order:
             samples[target.name] = measure(target)
             time.sleep(pause_s)
-        ratio = samples[first.name].requests_per_second / samples[second.name].requests_per_second
-        logger.info("pair %d/%d: %s / %s = %.3f", index + 1, pairs, first.name, second.name, ratio)
-        ratios.append(ratio)
-    return ratios
+        pair = samples[first.name], samples[second.name]
+        logger.info("pair %d/%d: %s / %s = %.3f (steal %.1f %% / %.1f %%)", index + 1, pairs, first.name, second.name,
+                    throughput_ratio(pair), 100 * pair[0].steal, 100 * pair[1].steal)
+        measured.append(pair)
+    return measured
+
+
+def throughput_ratio(pair: tuple[SaturationSample, SaturationSample], *, steal_adjusted: bool = False) -> float:
+    """The first run's requests/s over the second's; with `steal_adjusted`, each per second the machine ran."""
+    if steal_adjusted:
+        return pair[0].steal_adjusted_rps / pair[1].steal_adjusted_rps
+    return pair[0].requests_per_second / pair[1].requests_per_second
 
 
 @dataclass(frozen=True)
@@ -78,11 +86,22 @@ class SaturationSample:
     p99_ms: float
     proxy_cpu: CpuUsage | None
     backend_cpu: CpuUsage
+    steal: float = math.nan  # share of the machine's CPU time the hypervisor took meanwhile
 
     @property
     def requests_per_second(self) -> float:
         """Completed requests per second."""
         return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steal_adjusted_rps(self) -> float:
+        """Requests per second the machine's CPUs were its own: requests/s ÷ (1 − steal).
+
+        At saturation every core is busy, so the CPU time the hypervisor takes (steal) is time
+        no process of the run can use; dividing it out leaves the throughput the run reached
+        per unit of CPU it was given, which a neighbour's load moves far less than requests/s.
+        """
+        return self.requests_per_second / (1 - self.steal) if self.steal < 1 else math.nan
 
     @property
     def proxy_us_per_request(self) -> float | None:
@@ -135,10 +154,12 @@ class FixedRateSample:
         return None if self.proxy_cpu is None else self.proxy_cpu.total_s / self.seconds
 
 
-def saturation_sample(result: WrkResult, proxy_cpu: CpuUsage | None, backend_cpu: CpuUsage) -> SaturationSample:
+def saturation_sample(result: WrkResult, proxy_cpu: CpuUsage | None, backend_cpu: CpuUsage, *,
+                      steal: float = math.nan) -> SaturationSample:
     """Combine a wrk result with the CPU measured around it."""
     return SaturationSample(requests=result.requests, seconds=result.seconds, errors=result.errors,
-                            p50_ms=result.p50_ms, p99_ms=result.p99_ms, proxy_cpu=proxy_cpu, backend_cpu=backend_cpu)
+                            p50_ms=result.p50_ms, p99_ms=result.p99_ms, proxy_cpu=proxy_cpu, backend_cpu=backend_cpu,
+                            steal=steal)
 
 
 def measure_saturation(target: Target, settings: Settings, body_file: Path, *, wrk: str,
@@ -149,11 +170,12 @@ def measure_saturation(target: Target, settings: Settings, body_file: Path, *, w
                           seconds=duration, wrk=wrk)
     environment = wrk_environment(body_file=body_file, users=settings.users, spread=target.spread)
     proxy_pids = process_tree(target.proxy_pid) if target.proxy_pid is not None else []
-    proxy_before, backends_before = snapshot(proxy_pids), snapshot(target.backend_pids)
+    proxy_before, backends_before, machine_before = snapshot(proxy_pids), snapshot(target.backend_pids), machine_times()
     result = run_wrk(command, environment, duration)
-    proxy_after, backends_after = snapshot(proxy_pids), snapshot(target.backend_pids)
+    machine_after, proxy_after, backends_after = machine_times(), snapshot(proxy_pids), snapshot(target.backend_pids)
     proxy_cpu = cpu_between(proxy_before, proxy_after) if proxy_pids else None
-    return saturation_sample(result, proxy_cpu, cpu_between(backends_before, backends_after))
+    return saturation_sample(result, proxy_cpu, cpu_between(backends_before, backends_after),
+                             steal=steal_share(machine_before, machine_after))
 
 
 def openloop_command(target: Target, rate: float, settings: Settings, body_file: Path) -> list[str]:
@@ -217,7 +239,7 @@ def describe(sample: object) -> str:
     if isinstance(sample, SaturationSample):
         cpu = sample.proxy_us_per_request
         return (f"{sample.requests_per_second:8.0f} req/s  errors {sample.errors}"
-                + ("" if cpu is None else f"  hop CPU {cpu:.0f} µs/req"))
+                + ("" if cpu is None else f"  hop CPU {cpu:.0f} µs/req") + f"  steal {100 * sample.steal:.1f} %")
     if isinstance(sample, FixedRateSample):
         return (f"{sample.achieved_rps:6.0f}/{sample.rate:.0f} req/s  p50 {sample.p50_ms:.2f} ms  "
                 f"p99 {sample.p99_ms:.2f} ms  errors {sample.errors}  client late p99 {sample.late_ms_p99:.1f} ms")

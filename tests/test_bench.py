@@ -48,7 +48,7 @@ from bench.procstat import (
 from bench.loop_stalls import WRITERS, Stalls
 from bench.profile import Profile, parse_collapsed
 from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
-from bench.runs import QUICK, FixedRateSample, SaturationSample, openloop_command, paired_ratios
+from bench.runs import QUICK, FixedRateSample, SaturationSample, openloop_command, paired_samples, throughput_ratio
 from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
 from bench.tools import ensure_tools, find_tool
 from bench.wrk import parse_wrk_output, wrk_command, wrk_environment
@@ -195,7 +195,7 @@ def _results() -> BenchResults:
         hop = None if hop_cpu is None else CpuUsage(user_s=hop_cpu * rps * 10 / 1e6 * 0.75,
                                                    system_s=hop_cpu * rps * 10 / 1e6 * 0.25)
         return [SaturationSample(requests=int(rps * 10), seconds=10.0, errors=0, p50_ms=1.0, p99_ms=2.0,
-                                 proxy_cpu=hop, backend_cpu=CpuUsage(user_s=0.1, system_s=0.0))]
+                                 proxy_cpu=hop, backend_cpu=CpuUsage(user_s=0.1, system_s=0.0), steal=0.05)]
 
     def fixed(p50: float, p99: float, hop_cpu_s: float | None = None) -> list[FixedRateSample]:
         return [FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=p50,
@@ -239,19 +239,41 @@ def test_the_logging_cost_comes_from_the_paired_runs_when_there_are_some() -> No
     assert "In the rounds above (medians), outcome logging + metrics cost 20.0 % of throughput" in report
 
 
-def test_paired_ratios_alternate_the_order_and_divide_within_each_pair() -> None:
+def test_paired_samples_alternate_the_order_and_ratios_divide_within_each_pair() -> None:
     first, second = (Target(name=name, kind="noop", hop="balancer", url="u") for name in ("full", "lean"))
     order: list[str] = []
-    speeds = iter([900, 1000, 1000, 800, 450, 500])  # the machine slows down by half; each pair keeps its ratio
+    # the machine slows down by half; each pair keeps its ratio. In the second pair the hypervisor takes
+    # half the CPU during lean's run only: per second of CPU given, lean was 1600 and full 1000.
+    runs = iter([(900, 0.0), (1000, 0.0), (800, 0.5), (1000, 0.0), (450, 0.1), (500, 0.1)])
 
     def measure(target: Target) -> SaturationSample:
         order.append(target.name)
-        return SaturationSample(requests=next(speeds), seconds=1.0, errors=0, p50_ms=1.0, p99_ms=2.0,
-                                proxy_cpu=None, backend_cpu=CpuUsage(user_s=0.0, system_s=0.0))
+        requests, steal = next(runs)
+        return SaturationSample(requests=requests, seconds=1.0, errors=0, p50_ms=1.0, p99_ms=2.0,
+                                proxy_cpu=None, backend_cpu=CpuUsage(user_s=0.0, system_s=0.0), steal=steal)
 
-    ratios = paired_ratios(first, second, 3, measure, pause_s=0.0)
+    pairs = paired_samples(first, second, 3, measure, pause_s=0.0)
     assert order == ["full", "lean", "lean", "full", "full", "lean"]
-    assert ratios == pytest.approx([0.9, 0.8, 0.9])
+    assert [throughput_ratio(pair) for pair in pairs] == pytest.approx([0.9, 1.25, 0.9])
+    assert [throughput_ratio(pair, steal_adjusted=True) for pair in pairs] == pytest.approx([0.9, 0.625, 0.9])
+
+
+def test_the_steal_adjusted_logging_cost_is_its_own_target_row_beside_the_raw_one() -> None:
+    results = _results()
+    results.cost_ratios = [0.97, 0.93, 0.95, 0.80, 0.96, 1.20]  # costs 3 7 5 20 4 -20 %: median 4.5 %
+    # the -20 % pair lost a third of its lean run to steal: per second of CPU given, lean was the faster
+    results.cost_steal = [(0.0, 0.0)] * 5 + [(0.0, 1 / 3)]
+    assert results.adjusted_cost_ratios() == pytest.approx([0.97, 0.93, 0.95, 0.80, 0.96, 0.8])
+    checks = {check.goal: check for check in evaluate_targets(results)}
+    adjusted = checks["throughput cost of outcome logging + metrics (the same pairs, steal-adjusted)"]
+    assert adjusted.measured == pytest.approx(6.0) and adjusted.samples == pytest.approx((3, 7, 5, 20, 4, 20))
+    assert checks["throughput cost of outcome logging + metrics (back-to-back pairs)"].measured == pytest.approx(4.5)
+    report = render_report(results)
+    assert "The hypervisor took 0.0 % to 33.3 % of the machine's CPU time during these runs" in report
+    assert "the same pairs give **6.0 %**, ranging from 3.0 % to 20.0 %." in report
+    results.cost_steal = []  # a run from before steal was recorded: no adjusted row
+    assert not any("steal-adjusted" in check.goal for check in evaluate_targets(results))
+    assert "during these runs (steal" not in render_report(results)
 
 
 def test_report_has_every_section_and_a_profile_placeholder() -> None:
@@ -661,6 +683,7 @@ def test_the_tail_section_ranks_each_runs_p99_against_the_steal_during_it() -> N
 def test_saved_results_render_the_same_report_and_bad_files_are_refused(tmp_path: Path) -> None:
     results = _results()
     results.cost_ratios = [0.97, 0.93, 0.95, 0.80, 0.96]
+    results.cost_steal = [(0.01, 0.02), (0.0, 0.0), (0.3, 0.1), (0.05, 0.05), (0.0, 0.2)]
     results.instructions = {"floor": 76_000.0, "lean": 124_000.0, "default": 176_500.0, "writer": 40_000.0}
     results.loop_stalls = [Stalls(writer=WRITERS[0], rows=30_000, seconds=6.0, gaps=[0.002, 0.004])]
     results.profile = Profile(thread="MainThread", samples=6, self_counts=Counter({"send (s.py)": 3}),
