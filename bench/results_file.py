@@ -81,7 +81,8 @@ def _target(fields: dict[str, Any]) -> Target:
 
 
 def _saturation(fields: dict[str, Any]) -> SaturationSample:
-    return SaturationSample(**{**fields, "proxy_cpu": _cpu(fields["proxy_cpu"]), "backend_cpu": _cpu(fields["backend_cpu"])})
+    return SaturationSample(**{**fields, "proxy_cpu": _cpu(fields["proxy_cpu"]), "backend_cpu": _cpu(fields["backend_cpu"]),
+                               "writer_cpu": _cpu(fields.get("writer_cpu"))})
 
 
 def _fixed_rate(fields: dict[str, Any]) -> FixedRateSample:

@@ -9,13 +9,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from bench.errors import BenchError
-from bench.procstat import (CpuUsage, cpu_between, machine_times, microseconds_per_request, process_tree, snapshot,
+from bench.procstat import (CpuUsage, ProcessTimes, cpu_between, machine_times, microseconds_per_request, process_tree, snapshot,
                             steal_share)
 from bench.stack import Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
@@ -87,6 +87,7 @@ class SaturationSample:
     proxy_cpu: CpuUsage | None
     backend_cpu: CpuUsage
     steal: float = math.nan  # share of the machine's CPU time the hypervisor took meanwhile
+    writer_cpu: CpuUsage | None = None  # of proxy_cpu, the balancer's child processes: its store writer
 
     @property
     def requests_per_second(self) -> float:
@@ -107,6 +108,11 @@ class SaturationSample:
     def proxy_us_per_request(self) -> float | None:
         """CPU µs of the hop's processes per request (None for direct runs)."""
         return None if self.proxy_cpu is None else microseconds_per_request(self.proxy_cpu.total_s, self.requests)
+
+    @property
+    def writer_us_per_request(self) -> float | None:
+        """CPU µs per request of the balancer's store writer process (None where there is none to count)."""
+        return None if self.writer_cpu is None else microseconds_per_request(self.writer_cpu.total_s, self.requests)
 
     @property
     def proxy_kernel_us_per_request(self) -> float | None:
@@ -155,11 +161,11 @@ class FixedRateSample:
 
 
 def saturation_sample(result: WrkResult, proxy_cpu: CpuUsage | None, backend_cpu: CpuUsage, *,
-                      steal: float = math.nan) -> SaturationSample:
+                      steal: float = math.nan, writer_cpu: CpuUsage | None = None) -> SaturationSample:
     """Combine a wrk result with the CPU measured around it."""
     return SaturationSample(requests=result.requests, seconds=result.seconds, errors=result.errors,
                             p50_ms=result.p50_ms, p99_ms=result.p99_ms, proxy_cpu=proxy_cpu, backend_cpu=backend_cpu,
-                            steal=steal)
+                            steal=steal, writer_cpu=writer_cpu)
 
 
 def measure_saturation(target: Target, settings: Settings, body_file: Path, *, wrk: str,
@@ -174,8 +180,16 @@ def measure_saturation(target: Target, settings: Settings, body_file: Path, *, w
     result = run_wrk(command, environment, duration)
     machine_after, proxy_after, backends_after = machine_times(), snapshot(proxy_pids), snapshot(target.backend_pids)
     proxy_cpu = cpu_between(proxy_before, proxy_after) if proxy_pids else None
+    # a balancer's process tree is the balancer and the store writer it started
+    writer_cpu = children_cpu(proxy_pids, proxy_before, proxy_after) if target.hop == "balancer" else None
     return saturation_sample(result, proxy_cpu, cpu_between(backends_before, backends_after),
-                             steal=steal_share(machine_before, machine_after))
+                             steal=steal_share(machine_before, machine_after), writer_cpu=writer_cpu)
+
+
+def children_cpu(tree: Sequence[int], before: Mapping[int, ProcessTimes], after: Mapping[int, ProcessTimes]) -> CpuUsage:
+    """CPU of a `process_tree` (root first) without its root: what the root's child processes used in between."""
+    children = set(tree[1:])
+    return cpu_between({pid: times for pid, times in before.items() if pid in children}, after)
 
 
 def openloop_command(target: Target, rate: float, settings: Settings, body_file: Path) -> list[str]:

@@ -48,7 +48,8 @@ from bench.procstat import (
 from bench.loop_stalls import WRITERS, Stalls
 from bench.profile import Profile, parse_collapsed
 from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
-from bench.runs import QUICK, FixedRateSample, SaturationSample, openloop_command, paired_samples, throughput_ratio
+from bench.runs import (QUICK, FixedRateSample, SaturationSample, children_cpu, openloop_command, paired_samples,
+                        throughput_ratio)
 from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
 from bench.tools import ensure_tools, find_tool
 from bench.wrk import parse_wrk_output, wrk_command, wrk_environment
@@ -309,6 +310,34 @@ def test_the_instruction_harness_answers_every_request(kind: str, tmp_path: Path
 
 def test_lua_script_is_shipped_next_to_the_harness() -> None:
     assert Path(wrk_command("u", threads=1, connections=1, seconds=1)[-2]).is_file()
+
+
+def test_the_store_writer_cpu_is_the_balancer_process_trees_children() -> None:
+    spin = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(tree := process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = snapshot(tree)
+        time.sleep(0.3)  # the child spins; the parent waits for it
+        after = snapshot(tree)
+    finally:
+        parent.wait(timeout=30)
+    child, everything = children_cpu(tree, before, after), cpu_between(before, after)
+    assert child.total_s >= 0.15 and everything.total_s - child.total_s <= 0.05
+
+
+def test_the_feature_table_shows_the_store_writers_share() -> None:
+    results = _results()
+    results.saturation["noop balancer"] = [replace(sample, writer_cpu=CpuUsage(user_s=0.03, system_s=0.01))
+                                           for sample in results.saturation["noop balancer"]]
+    report = render_report(results)
+    requests = results.saturation["noop balancer"][0].requests
+    writer = f"{0.04 / requests * 1e6:,.1f}"
+    assert f"| default | 1,000 | -20.0 % | 200 | {writer} | +50 |" in report
+    assert f"the writer alone ran {writer} µs per request)" in report
+    assert "| outcomes and metrics off | 1,250 | +0.0 % | 150 | n/a | +0 |" in report
 
 
 def test_the_compiled_path_and_uvloop_are_compared_with_the_default() -> None:
