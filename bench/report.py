@@ -93,6 +93,10 @@ class BenchResults:
         """Median CPU µs per request of the hop's processes."""
         return self._median_saturation(target, lambda sample: sample.proxy_us_per_request)
 
+    def saturation_busy(self, target: Target | None) -> float:
+        """Median share of one core the hop's processes used at saturation."""
+        return self._median_saturation(target, lambda sample: sample.proxy_busy)
+
     def writer_cpu(self, target: Target | None) -> float:
         """Median CPU µs per request of a balancer's store writer process."""
         return self._median_saturation(target, lambda sample: sample.writer_us_per_request)
@@ -487,7 +491,26 @@ def _bounds_section(results: BenchResults) -> str:
         f"would cost {_signed(aiohttp_cpu - floor_cpu, 0)} µs more per request. Each request makes two `send` and two "
         "`recv` system calls, as nginx's does; the rest is uvloop, httptools, the compiled request path and the CPython "
         "object machinery (allocation, attribute and dictionary lookups) it still goes through. Several worker processes "
-        "would raise throughput but not CPU per request.\n"
+        "would raise throughput but not CPU per request.\n" + _model_cpu_paragraph(results)
+    )
+
+
+def _model_cpu_paragraph(results: BenchResults) -> str:
+    """Why a request costs the hops more CPU with the real models: how busy each hop was at saturation."""
+    hops = {(kind, hop): results.target(kind, hop) for kind in KIND_TITLES for hop in ("balancer", "nginx")}
+    if any(target is None for target in hops.values()):
+        return ""
+    cpu = {key: results.hop_cpu(target) for key, target in hops.items()}
+    busy = {key: 100 * results.saturation_busy(target) for key, target in hops.items()}
+    return (
+        f"\nWith the real model servers a request costs the balancer {_number(cpu['model', 'balancer'], 0)} µs of CPU, "
+        f"against {_number(cpu['noop', 'balancer'], 0)} µs with the no-op backends, and nginx "
+        f"{_number(cpu['model', 'nginx'], 0)} against {_number(cpu['noop', 'nginx'], 0)} µs. Saturation there is the "
+        f"models': the balancer was busy {_number(busy['model', 'balancer'], 0)} % of one core "
+        f"(against {_number(busy['noop', 'balancer'], 0)} % with the no-op backends) and nginx "
+        f"{_number(busy['model', 'nginx'], 0)} % (against {_number(busy['noop', 'nginx'], 0)} %). A hop that waits "
+        "for its backends between requests pays a wake-up from `epoll_wait` per request instead of serving a batch "
+        "per wake-up, as at the fixed rate (see \"What bounds the tail latency\").\n"
     )
 
 

@@ -110,6 +110,11 @@ class SaturationSample:
         return None if self.proxy_cpu is None else microseconds_per_request(self.proxy_cpu.total_s, self.requests)
 
     @property
+    def proxy_busy(self) -> float | None:
+        """The hop's CPU seconds per second of the run: 1.0 is one core kept busy (None for direct runs)."""
+        return None if self.proxy_cpu is None or self.seconds <= 0 else self.proxy_cpu.total_s / self.seconds
+
+    @property
     def writer_us_per_request(self) -> float | None:
         """CPU µs per request of the balancer's store writer process (None where there is none to count)."""
         return None if self.writer_cpu is None else microseconds_per_request(self.writer_cpu.total_s, self.requests)

@@ -340,6 +340,22 @@ def test_the_feature_table_shows_the_store_writers_share() -> None:
     assert "| outcomes and metrics off | 1,250 | +0.0 % | 150 | n/a | +0 |" in report
 
 
+def test_the_model_cpu_paragraph_says_how_busy_each_hop_was_at_saturation() -> None:
+    from bench.report import _model_cpu_paragraph
+
+    results = _results()
+    assert _model_cpu_paragraph(results) == ""  # no model targets in this run: nothing to say
+    for hop, rps, cpu in (("balancer", 300, 400), ("nginx", 350, 120)):
+        results.targets.append(Target(name=f"model {hop}", kind="model", hop=hop, url="u"))
+        results.saturation[f"model {hop}"] = [replace(results.saturation[f"noop {hop}"][0], requests=rps * 10,
+                                                      proxy_cpu=CpuUsage(user_s=cpu * rps * 10 / 1e6, system_s=0.0))]
+    paragraph = _model_cpu_paragraph(results)
+    assert "a request costs the balancer 400 µs of CPU, against 200 µs with the no-op backends" in paragraph
+    assert "and nginx 120 against 50 µs" in paragraph
+    # busy = CPU per request × requests per second: 400 µs × 300/s = 12 %; 200 µs × 1,000/s = 20 %
+    assert "the balancer was busy 12 % of one core (against 20 % with the no-op backends) and nginx 4 % (against 25 %)" in paragraph
+
+
 def test_the_compiled_path_and_uvloop_are_compared_with_the_default() -> None:
     results = _results()
     for label, rps, cpu in ((INTERPRETED_LABEL, 800, 250), (ASYNCIO_LABEL, 900, 220)):
