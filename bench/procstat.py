@@ -113,6 +113,7 @@ class MachineTimes:
 
     total_ticks: int
     steal_ticks: int  # time the hypervisor ran something else while this machine had work
+    idle_ticks: int = 0  # idle + iowait: no runnable work
 
 
 def machine_times(proc: Path = Path("/proc")) -> MachineTimes:
@@ -122,10 +123,18 @@ def machine_times(proc: Path = Path("/proc")) -> MachineTimes:
         raise ValueError(f"not the first line of /proc/stat: {fields[:10]!r}")
     # guest time (fields 9 and 10) is already counted in user and nice
     ticks = [int(value) for value in fields[1:9]]
-    return MachineTimes(total_ticks=sum(ticks), steal_ticks=ticks[7])
+    return MachineTimes(total_ticks=sum(ticks), steal_ticks=ticks[7], idle_ticks=ticks[3] + ticks[4])
 
 
 def steal_share(before: MachineTimes, after: MachineTimes) -> float:
     """Fraction of all cores' time in between that the hypervisor took (NaN over no time)."""
     total = after.total_ticks - before.total_ticks
     return (after.steal_ticks - before.steal_ticks) / total if total > 0 else float("nan")
+
+
+def busy_seconds(before: MachineTimes, after: MachineTimes) -> float:
+    """CPU seconds all cores ran work in between (every process and the kernel; idle and stolen time left out)."""
+    total = after.total_ticks - before.total_ticks
+    idle = after.idle_ticks - before.idle_ticks
+    steal = after.steal_ticks - before.steal_ticks
+    return (total - idle - steal) / CLOCK_TICKS_PER_SECOND

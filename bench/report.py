@@ -97,6 +97,14 @@ class BenchResults:
         """Median share of one core the hop's processes used at saturation."""
         return self._median_saturation(target, lambda sample: sample.proxy_busy)
 
+    def machine_cpu(self, target: Target | None) -> float:
+        """Median CPU µs per request of the whole machine (every process, kernel included) at saturation."""
+        return self._median_saturation(target, lambda sample: sample.machine_us_per_request)
+
+    def machine_busy(self, target: Target | None) -> float:
+        """Median number of cores' worth of work the machine ran at saturation."""
+        return self._median_saturation(target, lambda sample: sample.machine_busy_cores)
+
     def writer_cpu(self, target: Target | None) -> float:
         """Median CPU µs per request of a balancer's store writer process."""
         return self._median_saturation(target, lambda sample: sample.writer_us_per_request)
@@ -274,6 +282,7 @@ def render_report(results: BenchResults) -> str:
         _feature_section(results),
         _targets_section(results),
         _bounds_section(results),
+        _direct_bound_section(results),
         _tail_section(results),
         _instructions_section(results),
         _stalls_section(results),
@@ -492,6 +501,45 @@ def _bounds_section(results: BenchResults) -> str:
         "`recv` system calls, as nginx's does; the rest is uvloop, httptools, the compiled request path and the CPython "
         "object machinery (allocation, attribute and dictionary lookups) it still goes through. Several worker processes "
         "would raise throughput but not CPU per request.\n" + _model_cpu_paragraph(results)
+    )
+
+
+def _direct_bound_section(results: BenchResults) -> str:
+    """Throughput against direct calls, as CPU per request of the whole machine times how busy its cores were."""
+    title = "## What bounds throughput against direct calls\n\n"
+    rows, sentences = [], []
+    for kind, kind_title in KIND_TITLES.items():
+        direct, balancer, nginx = (results.target(kind, hop) for hop in ("direct", "balancer", "nginx"))
+        if direct is None or balancer is None or nginx is None or math.isnan(results.machine_cpu(direct)):
+            continue
+        direct_cpu, direct_busy, direct_rps = results.machine_cpu(direct), results.machine_busy(direct), results.rps(direct)
+        for target in (direct, balancer, nginx):
+            cpu, busy = results.machine_cpu(target), results.machine_busy(target)
+            rows.append(f"| {kind_title} | {target.hop} | {_number(results.rps(target), 0)} | {_number(cpu, 0)} "
+                        f"| {_number(busy, 2)} | {_number(direct_cpu / cpu, 2)}× | {_number(busy / direct_busy, 2)}× "
+                        f"| {_number(results.rps(target) / direct_rps, 2)}× |\n")
+        if kind == "noop":
+            balancer_cpu = results.machine_cpu(balancer)
+            sentences.append(
+                f"With the no-op backends a direct call cost the machine {_number(direct_cpu, 0)} µs of CPU and a call "
+                f"through the balancer {_number(balancer_cpu, 0)} µs ({_number(balancer_cpu / direct_cpu, 1)}×), "
+                f"through nginx {_number(results.machine_cpu(nginx), 0)} µs. Half of direct calls' throughput, with "
+                f"the cores as busy as direct calls kept them, needs a path of at most {_number(2 * direct_cpu, 0)} µs "
+                "per request, load generator and backends included: less than nginx's path costs here. The goal is "
+                "out of reach of any proxy that needs a process of its own on these two shared cores; what the "
+                "balancer can still win is its own CPU per request (see above).\n")
+    if not rows:
+        return title + "_Not measured in this run._\n"
+    return (
+        title + "At saturation all cores' busy time (`/proc/stat`: every process, the load generator's and the "
+        "kernel's work included; idle and stolen time left out) divided by the requests served gives the CPU a "
+        "request costs the whole machine on each path. A path's throughput is the cores it keeps busy divided by "
+        "that cost, so its share of direct calls' throughput is the product of two factors: direct calls' CPU "
+        "per request over the path's, and the cores the path kept busy over those direct calls kept busy (exactly "
+        "so in each run; the columns are medians over rounds).\n\n"
+        "| backends | path | req/s | machine CPU µs/req | cores busy | CPU factor | busy factor | share of direct "
+        "|\n|---|---|---|---|---|---|---|---|\n" + "".join(rows)
+        + ("\n" + "".join(sentences) if sentences else "")
     )
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.errors import BenchError
-from bench.procstat import (CpuUsage, ProcessTimes, cpu_between, machine_times, microseconds_per_request, process_tree, snapshot,
-                            steal_share)
+from bench.procstat import (CpuUsage, ProcessTimes, busy_seconds, cpu_between, machine_times, microseconds_per_request,
+                            process_tree, snapshot, steal_share)
 from bench.stack import Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
 from tests.processes import REPO
@@ -88,6 +88,7 @@ class SaturationSample:
     backend_cpu: CpuUsage
     steal: float = math.nan  # share of the machine's CPU time the hypervisor took meanwhile
     writer_cpu: CpuUsage | None = None  # of proxy_cpu, the balancer's child processes: its store writer
+    machine_busy_s: float = math.nan  # CPU seconds all cores ran work meanwhile (every process; not idle, not stolen)
 
     @property
     def requests_per_second(self) -> float:
@@ -113,6 +114,16 @@ class SaturationSample:
     def proxy_busy(self) -> float | None:
         """The hop's CPU seconds per second of the run: 1.0 is one core kept busy (None for direct runs)."""
         return None if self.proxy_cpu is None or self.seconds <= 0 else self.proxy_cpu.total_s / self.seconds
+
+    @property
+    def machine_us_per_request(self) -> float:
+        """CPU µs per request of the whole machine: load generator, hop, backends and kernel together."""
+        return microseconds_per_request(self.machine_busy_s, self.requests)
+
+    @property
+    def machine_busy_cores(self) -> float:
+        """How many cores' worth of work the machine ran on average during the run."""
+        return self.machine_busy_s / self.seconds if self.seconds > 0 else math.nan
 
     @property
     def writer_us_per_request(self) -> float | None:
@@ -166,11 +177,12 @@ class FixedRateSample:
 
 
 def saturation_sample(result: WrkResult, proxy_cpu: CpuUsage | None, backend_cpu: CpuUsage, *,
-                      steal: float = math.nan, writer_cpu: CpuUsage | None = None) -> SaturationSample:
+                      steal: float = math.nan, writer_cpu: CpuUsage | None = None,
+                      machine_busy_s: float = math.nan) -> SaturationSample:
     """Combine a wrk result with the CPU measured around it."""
     return SaturationSample(requests=result.requests, seconds=result.seconds, errors=result.errors,
                             p50_ms=result.p50_ms, p99_ms=result.p99_ms, proxy_cpu=proxy_cpu, backend_cpu=backend_cpu,
-                            steal=steal, writer_cpu=writer_cpu)
+                            steal=steal, writer_cpu=writer_cpu, machine_busy_s=machine_busy_s)
 
 
 def measure_saturation(target: Target, settings: Settings, body_file: Path, *, wrk: str,
@@ -188,7 +200,8 @@ def measure_saturation(target: Target, settings: Settings, body_file: Path, *, w
     # a balancer's process tree is the balancer and the store writer it started
     writer_cpu = children_cpu(proxy_pids, proxy_before, proxy_after) if target.hop == "balancer" else None
     return saturation_sample(result, proxy_cpu, cpu_between(backends_before, backends_after),
-                             steal=steal_share(machine_before, machine_after), writer_cpu=writer_cpu)
+                             steal=steal_share(machine_before, machine_after), writer_cpu=writer_cpu,
+                             machine_busy_s=busy_seconds(machine_before, machine_after))
 
 
 def children_cpu(tree: Sequence[int], before: Mapping[int, ProcessTimes], after: Mapping[int, ProcessTimes]) -> CpuUsage:

@@ -36,6 +36,7 @@ from bench.nginx import (
 from bench.procstat import (
     CLOCK_TICKS_PER_SECOND,
     CpuUsage,
+    busy_seconds,
     cpu_between,
     descendants,
     machine_times,
@@ -196,7 +197,8 @@ def _results() -> BenchResults:
         hop = None if hop_cpu is None else CpuUsage(user_s=hop_cpu * rps * 10 / 1e6 * 0.75,
                                                    system_s=hop_cpu * rps * 10 / 1e6 * 0.25)
         return [SaturationSample(requests=int(rps * 10), seconds=10.0, errors=0, p50_ms=1.0, p99_ms=2.0,
-                                 proxy_cpu=hop, backend_cpu=CpuUsage(user_s=0.1, system_s=0.0), steal=0.05)]
+                                 proxy_cpu=hop, backend_cpu=CpuUsage(user_s=0.1, system_s=0.0), steal=0.05,
+                                 machine_busy_s=18.0)]
 
     def fixed(p50: float, p99: float, hop_cpu_s: float | None = None) -> list[FixedRateSample]:
         return [FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=p50,
@@ -338,6 +340,23 @@ def test_the_feature_table_shows_the_store_writers_share() -> None:
     assert f"| default | 1,000 | -20.0 % | 200 | {writer} | +50 |" in report
     assert f"the writer alone ran {writer} µs per request)" in report
     assert "| outcomes and metrics off | 1,250 | +0.0 % | 150 | n/a | +0 |" in report
+
+
+def test_throughput_against_direct_is_split_into_cpu_per_request_and_busy_cores() -> None:
+    results = _results()
+    results.saturation["noop balancer"] = [replace(results.saturation["noop balancer"][0], machine_busy_s=15.0)]
+    report = render_report(results)
+    section = report[report.index("## What bounds throughput against direct calls"):]
+    # direct: 18 CPU-s over 100,000 requests in 10 s; balancer: 15 over 10,000; nginx: 18 over 50,000
+    assert "| No-op backends | direct | 10,000 | 180 | 1.80 | 1.00× | 1.00× | 1.00× |" in section
+    assert "| No-op backends | balancer | 1,000 | 1,500 | 1.50 | 0.12× | 0.83× | 0.10× |" in section
+    assert "| No-op backends | nginx | 5,000 | 360 | 1.80 | 0.50× | 1.00× | 0.50× |" in section
+    assert ("a direct call cost the machine 180 µs of CPU and a call through the balancer 1,500 µs (8.3×), "
+            "through nginx 360 µs. Half of direct calls' throughput") in section
+    assert "needs a path of at most 360 µs per request" in section
+    results.saturation = {name: [replace(sample, machine_busy_s=math.nan) for sample in samples]
+                          for name, samples in results.saturation.items()}  # a run from before this was recorded
+    assert "## What bounds throughput against direct calls\n\n_Not measured in this run._" in render_report(results)
 
 
 def test_the_model_cpu_paragraph_says_how_busy_each_hop_was_at_saturation() -> None:
@@ -659,6 +678,10 @@ def test_machine_times_read_steal_from_the_first_line_of_proc_stat(tmp_path: Pat
     assert (before.total_ticks, before.steal_ticks) == (1000, 50)  # guest time (7) is inside user already
     (tmp_path / "stat").write_text("cpu  200 5 30 1600 10 0 5 150 7 0\n")
     assert steal_share(before, machine_times(tmp_path)) == pytest.approx(100 / 1000)
+    # 1000 ticks passed: 800 idle, 100 stolen, 100 of user work
+    assert busy_seconds(before, machine_times(tmp_path)) == pytest.approx(100 / CLOCK_TICKS_PER_SECOND)
+    (tmp_path / "stat").write_text("cpu  100 5 30 800 60 0 5 50 7 0\n")  # only iowait grew: no work ran
+    assert busy_seconds(before, machine_times(tmp_path)) == 0
     assert math.isnan(steal_share(before, before))
     (tmp_path / "stat").write_text("intr 1 2 3\n")
     with pytest.raises(ValueError, match="not the first line of /proc/stat"):
