@@ -28,6 +28,7 @@ from bench.instructions import measure as count_instructions
 from bench.loop_stalls import WRITERS
 from bench.loop_stalls import measure as measure_stalls
 from bench.nginx import nginx_command
+from bench.perf_profile import record as record_perf
 from bench.profile import record_profile
 from bench.report import BenchResults, evaluate_targets, render_report
 from bench.results_file import load as load_results
@@ -144,6 +145,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 cost_ratios=[throughput_ratio(pair) for pair in cost_pairs],
                 cost_steal=[(full.steal, lean.steal) for full, lean in cost_pairs],
             )
+            _add_perf_profiles(results, settings, body_file, tools["wrk"], workdir)
             if profile:
                 _add_profile(results, settings, body_file, tools["wrk"], workdir)
         succeeded = True
@@ -199,6 +201,21 @@ def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
         if target.hop != "direct":
             check_split(target, stack.body)
     return saturation_targets, latency_targets
+
+
+def _add_perf_profiles(results: BenchResults, settings: Settings, body_file: Path, wrk: str, workdir: Path) -> None:
+    """perf's profile of the balancer and of nginx at saturation (no-op backends), one after the other."""
+    for hop in ("balancer", "nginx"):
+        target = results.target("noop", hop)
+        assert target is not None
+        logger.info("profiling %s with perf", target.name)
+        try:
+            results.perf_profiles.append(record_perf(target, settings, body_file, wrk=wrk, workdir=workdir,
+                                                     seconds=settings.saturation_s))
+        except BenchError as exc:
+            results.perf_error = str(exc)
+            logger.warning("perf profile failed: %s", exc)
+            return
 
 
 def _add_profile(results: BenchResults, settings: Settings, body_file: Path, wrk: str, workdir: Path) -> None:

@@ -13,6 +13,8 @@ from scipy.stats import quantile_test, spearmanr
 
 from bench.instructions import FLUSH_EVERY, LONG_RUN, REPEATS, SHORT_RUN, WRITER
 from bench.loop_stalls import STALL_S, WRITERS, Stalls
+from bench import perf_profile
+from bench.perf_profile import KERNEL, PerfProfile
 from bench.profile import SAMPLE_RATE_HZ, Profile
 from bench.runs import FixedRateSample, SaturationSample, Settings, median
 from bench.stack import (
@@ -57,6 +59,8 @@ class BenchResults:
     instructions_error: str | None = None
     loop_stalls: list[Stalls] = field(default_factory=list)  # bench/loop_stalls.py, one run per writer placement
     cost_ratios: list[float] = field(default_factory=list)  # default / outcomes and metrics off, back-to-back pairs
+    perf_profiles: list[PerfProfile] = field(default_factory=list)  # bench/perf_profile.py: the balancer, then nginx
+    perf_error: str | None = None
     cost_steal: list[tuple[float, float]] = field(default_factory=list)  # per pair: steal during default's, lean's run
     feature_labels: list[str] = field(default_factory=list)
 
@@ -283,6 +287,7 @@ def render_report(results: BenchResults) -> str:
         _targets_section(results),
         _bounds_section(results),
         _direct_bound_section(results),
+        _perf_section(results),
         _tail_section(results),
         _instructions_section(results),
         _stalls_section(results),
@@ -540,6 +545,33 @@ def _direct_bound_section(results: BenchResults) -> str:
         "| backends | path | req/s | machine CPU µs/req | cores busy | CPU factor | busy factor | share of direct "
         "|\n|---|---|---|---|---|---|---|---|\n" + "".join(rows)
         + ("\n" + "".join(sentences) if sentences else "")
+    )
+
+
+def _perf_section(results: BenchResults) -> str:
+    """perf's samples of the balancer and nginx at saturation: share per binary, then the heaviest functions."""
+    title = "## Where the CPU goes, kernel included (perf)\n\n"
+    if not results.perf_profiles:
+        return title + (f"_Not recorded in this run: {results.perf_error}._\n" if results.perf_error
+                        else "_Not recorded in this run._\n")
+    def binaries(profile: PerfProfile) -> str:
+        return "; ".join(f"{'kernel' if binary == KERNEL else f'`{binary}`'} {share:.1f} %"
+                         for binary, share in profile.by_binary)
+
+    rows = "".join(f"| {profile.hop} | {profile.kernel_share:.1f} % | {binaries(profile)} |\n"
+                   for profile in results.perf_profiles)
+    functions = []
+    for profile in results.perf_profiles:
+        functions.append(f"\n{profile.hop} ({profile.cpu_seconds:.2f} CPU seconds sampled), heaviest functions:\n\n"
+                         "| share | binary | function |\n|---|---|---|\n"
+                         + "".join(f"| {share:.1f} % | {'kernel' if binary == KERNEL else f'`{binary}`'} | `{name}` |\n"
+                                   for binary, name, share in profile.top_functions))
+    return (
+        title + f"`perf record -e cpu-clock -F {perf_profile.SAMPLE_RATE_HZ}` on the hop's processes (the balancer and its store "
+        "writer; nginx's master and worker) during one more saturation run each with the no-op backends, then "
+        "`perf report --sort dso` and `--sort dso,sym` (`bench/perf_profile.py`; binaries and functions under "
+        "0.5 % left out). Unlike py-spy it sees the kernel's share of the work, where loopback TCP runs.\n\n"
+        "| hop | kernel | by binary |\n|---|---|---|\n" + rows + "".join(functions)
     )
 
 

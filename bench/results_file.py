@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.errors import BenchError
 from bench.loop_stalls import Stalls
+from bench.perf_profile import PerfProfile
 from bench.procstat import CpuUsage
 from bench.profile import Profile
 from bench.report import BenchResults
@@ -60,6 +61,7 @@ def load(path: Path) -> BenchResults:
         fields["profile"] = None if fields["profile"] is None else _profile(fields["profile"])
         fields["loop_stalls"] = [Stalls(**stalls) for stalls in fields["loop_stalls"]]
         fields["cost_steal"] = [tuple(pair) for pair in fields.get("cost_steal", [])]
+        fields["perf_profiles"] = [_perf_profile(profile) for profile in fields.get("perf_profiles", [])]
         return BenchResults(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise BenchError(f"{path} is not a complete bench results file: {type(exc).__name__}: {exc}") from exc
@@ -87,6 +89,11 @@ def _saturation(fields: dict[str, Any]) -> SaturationSample:
 
 def _fixed_rate(fields: dict[str, Any]) -> FixedRateSample:
     return FixedRateSample(**{**fields, "proxy_cpu": _cpu(fields["proxy_cpu"])})
+
+
+def _perf_profile(fields: dict[str, Any]) -> PerfProfile:
+    return PerfProfile(**{**fields, "by_binary": [tuple(pair) for pair in fields["by_binary"]],
+                          "top_functions": [tuple(row) for row in fields["top_functions"]]})
 
 
 def _profile(fields: dict[str, Any]) -> Profile:

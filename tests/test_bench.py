@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -788,3 +789,67 @@ def test_compare_states_an_interval_and_what_it_establishes() -> None:
     assert compare.summarize([0.90, 0.95, 0.93, 0.97, 0.92], 4.0).endswith("this tree is slower")
     assert compare.summarize([0.79, 0.96, 1.14, 1.00, 1.08, 0.93], 4.0).endswith("no difference established")
     assert compare.summarize([1.1, 1.2], 4.0).endswith("too few pairs for an interval (5 or more)")
+
+
+PERF_BY_BINARY = """\
+# Total Lost Samples: 0
+#
+# Samples: 3K of event 'cpu-clock'
+# Event count (approx.): 3003003000
+#
+# Overhead  Shared Object
+# ........  ........................................
+#
+    47.12%  [kernel.kallsyms]
+    24.50%  libpython3.11.so.1.0
+     9.03%  native_group__mypyc.cpython-311-x86_64-linux-gnu.so
+     0.61%  [vdso]
+
+"""
+PERF_FUNCTIONS = """\
+# Overhead  Shared Object                             Symbol
+# ........  ........................................  ..........................................
+#
+     6.20%  [kernel.kallsyms]                         [k] __schedule
+     5.04%  libpython3.11.so.1.0                      [.] _PyEval_EvalFrameDefault
+     2.31%  libc.so.6                                 [.] malloc
+"""
+
+
+def test_perf_reports_are_read_by_binary_and_by_function() -> None:
+    from bench.perf_profile import PerfProfile, parse_by_binary, parse_cpu_seconds, parse_functions
+
+    by_binary = parse_by_binary(PERF_BY_BINARY)
+    assert by_binary == [("[kernel.kallsyms]", 47.12), ("libpython3.11.so.1.0", 24.5),
+                         ("native_group__mypyc.cpython-311-x86_64-linux-gnu.so", 9.03), ("[vdso]", 0.61)]
+    assert parse_cpu_seconds(PERF_BY_BINARY) == pytest.approx(3.003003)
+    functions = parse_functions(PERF_FUNCTIONS)
+    assert functions == [("[kernel.kallsyms]", "__schedule", 6.2), ("libpython3.11.so.1.0", "_PyEval_EvalFrameDefault", 5.04),
+                         ("libc.so.6", "malloc", 2.31)]
+    assert parse_functions(PERF_FUNCTIONS, limit=1) == functions[:1]
+    results = _results()
+    results.perf_profiles = [PerfProfile("balancer", 3.0, by_binary, functions)]
+    report = render_report(results)
+    assert ("| balancer | 47.1 % | kernel 47.1 %; `libpython3.11.so.1.0` 24.5 %; "
+            "`native_group__mypyc.cpython-311-x86_64-linux-gnu.so` 9.0 %; `[vdso]` 0.6 % |") in report
+    assert "| 6.2 % | kernel | `__schedule` |" in report
+    assert "`perf record -e cpu-clock -F 999` on the hop's processes" in report
+    results.perf_profiles, results.perf_error = [], "perf is not installed (Debian: apt-get install -y linux-perf)"
+    assert "_Not recorded in this run: perf is not installed (Debian: apt-get install -y linux-perf)._" in render_report(results)
+
+
+@pytest.mark.skipif(shutil.which("perf") is None or find_tool("wrk") is None, reason="perf or wrk not installed")
+def test_perf_samples_a_saturated_process_kernel_included(tmp_path: Path, body_file: Path) -> None:
+    from bench.perf_profile import KERNEL, record
+
+    port = free_port()
+    with running(["tests/noop_backend.py", "--port", str(port), "--name", "model_a"],
+                 f"http://127.0.0.1:{port}/healthz", log=tmp_path / "backend.log") as backend:
+        target = Target(name="noop backend", kind="noop", hop="direct", url=f"http://127.0.0.1:{port}/predict",
+                        proxy_pid=backend.pid)
+        profile = record(target, replace(QUICK, connections=8), body_file, wrk=str(find_tool("wrk")),
+                         workdir=tmp_path, seconds=1.0)
+    assert 0.3 < profile.cpu_seconds < 2.5  # one busy process, sampled for a second
+    binaries = dict(profile.by_binary)
+    assert binaries.get(KERNEL, 0) > 5 and any(binary.startswith("libpython3") for binary in binaries)
+    assert 50 < sum(binaries.values()) <= 100.01 and profile.top_functions
