@@ -424,7 +424,7 @@ def _feature_section(results: BenchResults) -> str:
                             "Divided by the share it left (requests/s ÷ (1 − steal): at saturation every core has work, "
                             "so stolen time is time no process of the run could use), the same pairs give "
                             f"**{_number(statistics.median(adjusted), 1)} %**, ranging from {_number(adjusted[0], 1)} % to "
-                            f"{_number(adjusted[-1], 1)} %.\n")
+                            f"{_number(adjusted[-1], 1)} %{_spread_comparison(costs, adjusted)}.\n")
     if random is not None:
         lines.append(f"Sticky vs random assignment (both with logging + metrics): sticky "
                      f"{_signed(results.hop_cpu(full) - results.hop_cpu(random), 0)} µs/request, "
@@ -507,6 +507,19 @@ def _bounds_section(results: BenchResults) -> str:
         "object machinery (allocation, attribute and dictionary lookups) it still goes through. Several worker processes "
         "would raise throughput but not CPU per request.\n" + _model_cpu_paragraph(results)
     )
+
+
+def _spread_comparison(raw: list[float], adjusted: list[float]) -> str:
+    """How the steal adjustment changed the pairs' interquartile range ('' with fewer than 4 pairs)."""
+    if len(raw) < 4 or len(adjusted) < 4:
+        return ""
+    def iqr(values: list[float]) -> float:
+        low, _, high = statistics.quantiles(values, n=4)
+        return high - low
+    before, after = iqr(raw), iqr(adjusted)
+    finding = ("steal explains part of the spread between pairs" if after < 0.75 * before
+               else "steal explains little of the spread between pairs")
+    return f" (interquartile range {after:.1f} points, against {before:.1f} unadjusted: {finding})"
 
 
 def _direct_bound_section(results: BenchResults) -> str:

@@ -274,7 +274,12 @@ def test_the_steal_adjusted_logging_cost_is_its_own_target_row_beside_the_raw_on
     assert checks["throughput cost of outcome logging + metrics (back-to-back pairs)"].measured == pytest.approx(4.5)
     report = render_report(results)
     assert "The hypervisor took 0.0 % to 33.3 % of the machine's CPU time during these runs" in report
-    assert "the same pairs give **6.0 %**, ranging from 3.0 % to 20.0 %." in report
+    # quartiles (exclusive method) of the raw costs -20 3 4 5 7 20: -2.75 and 10.25; adjusted 3 4 5 7 20 20: 3.75 and 20
+    assert ("the same pairs give **6.0 %**, ranging from 3.0 % to 20.0 % (interquartile range 16.2 points, against "
+            "13.0 unadjusted: steal explains little of the spread between pairs).") in report
+    from bench.report import _spread_comparison
+    assert _spread_comparison([0, 10, 20, 30, 40], [14, 18, 20, 22, 26]).endswith("steal explains part of the spread between pairs)")
+    assert _spread_comparison([0, 10, 20], [10, 10, 10]) == ""
     results.cost_steal = []  # a run from before steal was recorded: no adjusted row
     assert not any("steal-adjusted" in check.goal for check in evaluate_targets(results))
     assert "during these runs (steal" not in render_report(results)
