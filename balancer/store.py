@@ -20,7 +20,7 @@ Tables:
     status TEXT, control TEXT, weights TEXT (JSON object variant -> weight), body TEXT (YAML).
 
 ``requests`` and ``feedback`` are WITHOUT ROWID tables: a row is stored once, in its primary key's
-B-tree, not in a table and again in the key's index, so the file is a quarter smaller
+B-tree, not in a table and again in the key's index, so the file is 23 % smaller
 (`python -m bench.store_insert --schemas`); the writer's instructions per row did not change
 measurably (`python -m bench.instructions`: the balancer's ids sort by arrival, so the index was appended to).
 Stores created before keep their rowid tables and work the same: nothing reads a rowid.
