@@ -401,13 +401,16 @@ def _feature_section(results: BenchResults) -> str:
         rows.append(
             f"| {label} | {_number(results.rps(target), 0)} | {_signed(_percent(results.rps(target), results.rps(lean)) - 100, 1)} % "
             f"| {_number(results.hop_cpu(target), 0)} | {_number(results.writer_cpu(target), 1)} "
-            f"| {_signed(results.hop_cpu(target) - results.hop_cpu(lean), 0)} |\n")
+            f"| {_signed(results.hop_cpu(target) - results.hop_cpu(lean), 0)} "
+            f"| {_number(results.machine_cpu(target), 0)} |\n")
     random = results.target("noop", "balancer", "random")
     lines = [f"\nIn the rounds above (medians), outcome logging + metrics cost "
              f"{_number(results.round_logging_cost() or 0.0, 1)} % of throughput and "
              f"{_signed(results.hop_cpu(full) - results.hop_cpu(lean), 0)} µs of balancer CPU per request "
              f"(the balancer's process and its store writer's; the writer alone ran {_number(results.writer_cpu(full), 1)} "
-             "µs per request).\n"]
+             f"µs per request); the whole machine's CPU per request, load generator and backends included, differed by "
+             f"{_signed(results.machine_cpu(full) - results.machine_cpu(lean), 0)} µs "
+             f"({_signed(_percent(results.machine_cpu(full), results.machine_cpu(lean)) - 100, 1)} %).\n"]
     if results.cost_ratios:
         costs = sorted(100 * (1 - ratio) for ratio in results.cost_ratios)
         settings = results.settings
@@ -441,10 +444,12 @@ def _feature_section(results: BenchResults) -> str:
             "with `serve --event-loop` and `BALANCER_PURE_PYTHON=1` for the last three. "
             "\"default\" is the sticky balancer of the table above: compiled, on uvloop.\n\n"
             "\"of which store writer\" is the part of the CPU spent in the balancer's store writer process "
-            "(`balancer/store_writer.py`, its child), which commits the outcome log.\n\n"
+            "(`balancer/store_writer.py`, its child), which commits the outcome log; \"machine\" is all cores' busy "
+            "time per request, load generator and backends included (see \"What bounds throughput against direct "
+            "calls\").\n\n"
             f"| balancer configuration | req/s | vs {FEATURE_BASELINE} | CPU µs/req | of which store writer "
-            "| Δ CPU µs/req |\n"
-            "|---|---|---|---|---|---|\n" + "".join(rows) + "".join(lines))
+            "| Δ CPU µs/req | machine CPU µs/req |\n"
+            "|---|---|---|---|---|---|---|\n" + "".join(rows) + "".join(lines))
 
 
 def _targets_section(results: BenchResults) -> str:
