@@ -9,24 +9,27 @@ request waiting on it is delayed. The balancer therefore commits from a writer p
 This runs an event loop that records a request row at `--rate` rows per second and otherwise
 spins, noting every gap between two of its iterations; a gap over 1 ms is a stall. One run
 goes through the real `EventLog`, one through a thread in the same process calling the same
-`StoreWriter` every 0.2 s (how the balancer wrote before).
+`StoreWriter` every 0.2 s (how the balancer wrote before), and one records nothing: the stalls
+the machine causes by itself (the hypervisor's steal, other processes), which the other two
+also suffer. Each run notes the steal during it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import threading
 from typing import Any, Protocol
 
 from balancer import store
 from balancer.events import EventLog
 from balancer.store_writer import StoreWriter
+from bench.procstat import machine_times, steal_share
 from bench.store_insert import synthetic_row
 
 STALL_S = 0.001
@@ -40,6 +43,7 @@ class Stalls:
     rows: int
     seconds: float
     gaps: list[float]  # every gap over STALL_S, in seconds
+    steal: float = math.nan  # share of the machine's CPU time the hypervisor took during the run
 
     @property
     def stalled_share(self) -> float:
@@ -54,7 +58,7 @@ class Stalls:
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-WRITERS = ("writer process", "writer thread")
+WRITERS = ("writer process", "writer thread", "no outcome log")
 FLUSH_INTERVAL_S = 0.2
 
 
@@ -64,6 +68,20 @@ class _Log(Protocol):
     def record_request(self, row: tuple[Any, ...]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class NoLog:
+    """Records nothing: the baseline of stalls the machine causes without any outcome log."""
+
+    def __init__(self) -> None:
+        self.written_requests = 0
+
+    def record_request(self, row: tuple[Any, ...]) -> None:
+        """Count the row, keep nothing."""
+        self.written_requests += 1
+
+    def close(self) -> None:
+        """Nothing to stop."""
 
 
 class ThreadWriter:
@@ -123,14 +141,17 @@ def measure(writer: str, rate: float, seconds: float) -> Stalls:
         raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
     with tempfile.TemporaryDirectory(prefix="bench-stalls-") as folder:
         path = Path(folder) / "outcomes.db"
-        log: _Log = EventLog(path, flush_interval_s=FLUSH_INTERVAL_S) if writer == WRITERS[0] else ThreadWriter(path)
+        log: _Log = (EventLog(path, flush_interval_s=FLUSH_INTERVAL_S) if writer == WRITERS[0]
+                     else ThreadWriter(path) if writer == WRITERS[1] else NoLog())
         try:
+            before = machine_times()
             rows, gaps = asyncio.run(_spin(log, rate, seconds))
+            steal = steal_share(before, machine_times())
         finally:
             log.close()
         if log.written_requests != rows:
             raise AssertionError(f"stored {log.written_requests} of {rows} rows")
-    return Stalls(writer=writer, rows=rows, seconds=seconds, gaps=gaps)
+    return Stalls(writer=writer, rows=rows, seconds=seconds, gaps=gaps, steal=steal)
 
 
 def main() -> None:
@@ -142,7 +163,7 @@ def main() -> None:
         stalls = measure(writer, args.rate, args.seconds)
         print(f"{writer:15s}: {len(stalls.gaps)} stalls over {STALL_S * 1000:g} ms in {stalls.seconds:g} s "
               f"({stalls.rows} rows), p50 {stalls.percentile(0.5) * 1000:.2f} ms, max {stalls.percentile(1.0) * 1000:.2f} ms, "
-              f"{stalls.stalled_share * 100:.2f} % of the time")
+              f"{stalls.stalled_share * 100:.2f} % of the time; steal {stalls.steal * 100:.1f} %")
 
 
 if __name__ == "__main__":

@@ -618,8 +618,10 @@ def _stalls_section(results: BenchResults) -> str:
     if not results.loop_stalls:
         return title + "_Not measured in this run._\n"
     first = results.loop_stalls[0]
-    rows = [f"| {run.writer}{' (used)' if run.writer == WRITERS[0] else ' (before)'} | {len(run.gaps)} "
-            f"| {run.percentile(0.5) * 1000:.2f} | {run.percentile(1.0) * 1000:.2f} | {run.stalled_share * 100:.2f} % |\n"
+    roles = dict(zip(WRITERS, (" (used)", " (before)", ": the machine's own stalls")))
+    rows = [f"| {run.writer}{roles.get(run.writer, '')} | {len(run.gaps)} "
+            f"| {run.percentile(0.5) * 1000:.2f} | {run.percentile(1.0) * 1000:.2f} | {run.stalled_share * 100:.2f} % "
+            f"| {'n/a' if math.isnan(run.steal) else f'{run.steal * 100:.1f} %'} |\n"
             for run in results.loop_stalls]
     return (
         title + f"`python -m bench.loop_stalls --rate {first.rows / first.seconds:.0f} --seconds {first.seconds:g}`: an "
@@ -627,10 +629,12 @@ def _stalls_section(results: BenchResults) -> str:
         f"every gap over {STALL_S * 1000:g} ms between two of its iterations. While Python's sqlite3 binds an "
         "INSERT's parameters it holds the GIL, so when that runs in the balancer's process the loop, and every "
         "request waiting on it, stalls. The balancer commits from a writer process (`balancer/store_writer.py`); "
-        "the other row is a thread in the same process running the same writer, as the balancer did before. "
-        "Stalls are part of the p99 added latency above.\n\n"
-        "| who commits | stalls | median stall ms | longest ms | share of the time stalled |\n"
-        "|---|---|---|---|---|\n" + "".join(rows)
+        "the second row is a thread in the same process running the same writer, as the balancer did before"
+        + ("; the last records nothing, so its stalls are the machine's own (the hypervisor's steal, other "
+           "processes), which the other runs suffer too" if any(run.writer == WRITERS[2] for run in results.loop_stalls)
+           else "") + ". Stalls are part of the p99 added latency above.\n\n"
+        "| who commits | stalls | median stall ms | longest ms | share of the time stalled | steal |\n"
+        "|---|---|---|---|---|---|\n" + "".join(rows)
     )
 
 

@@ -399,20 +399,28 @@ def test_the_compiled_path_and_uvloop_are_compared_with_the_default() -> None:
 def test_loop_stalls_render_per_writer_and_mark_the_one_used() -> None:
 
     results = _results()
-    results.loop_stalls = [Stalls(writer="writer process", rows=30_000, seconds=6.0, gaps=[0.0012, 0.0030]),
-                           Stalls(writer="writer thread", rows=30_000, seconds=6.0, gaps=[0.002] * 30)]
+    results.loop_stalls = [Stalls(writer="writer process", rows=30_000, seconds=6.0, gaps=[0.0012, 0.0030], steal=0.05),
+                           Stalls(writer="writer thread", rows=30_000, seconds=6.0, gaps=[0.002] * 30, steal=0.031),
+                           Stalls(writer="no outcome log", rows=30_000, seconds=6.0, gaps=[0.0015], steal=0.2)]
     report = render_report(results)
     assert "`python -m bench.loop_stalls --rate 5000 --seconds 6`" in report
-    assert "| writer process (used) | 2 | 3.00 | 3.00 | 0.07 % |" in report
-    assert "| writer thread (before) | 30 | 2.00 | 2.00 | 1.00 % |" in report
+    assert "| writer process (used) | 2 | 3.00 | 3.00 | 0.07 % | 5.0 % |" in report
+    assert "| writer thread (before) | 30 | 2.00 | 2.00 | 1.00 % | 3.1 % |" in report
+    assert "| no outcome log: the machine's own stalls | 1 | 1.50 | 1.50 | 0.03 % | 20.0 % |" in report
+    assert "the last records nothing, so its stalls are the machine's own" in report
+    results.loop_stalls = [Stalls(writer="writer process", rows=30_000, seconds=6.0, gaps=[])]  # from before steal
+    report = render_report(results)
+    assert "| writer process (used) | 0 | 0.00 | 0.00 | 0.00 % | n/a |" in report
+    assert "the last records nothing" not in report  # no baseline run, no sentence about one
 
 
 def test_loop_stalls_are_measured_against_a_real_outcome_log() -> None:
     from bench.loop_stalls import measure
 
-    for writer in ("writer process", "writer thread"):
+    for writer in ("writer process", "writer thread", "no outcome log"):
         stalls = measure(writer, rate=2000, seconds=0.5)  # measure() checks every row reached the store
         assert 900 <= stalls.rows <= 1001 and stalls.writer == writer  # a loaded machine may end the run a little short
+        assert 0 <= stalls.steal < 1
     with pytest.raises(ValueError, match="writer must be one of"):
         measure("a cloud", rate=2000, seconds=0.5)
     assert all(gap > 0.001 for gap in stalls.gaps)
@@ -759,7 +767,7 @@ def test_saved_results_render_the_same_report_and_bad_files_are_refused(tmp_path
     results.cost_ratios = [0.97, 0.93, 0.95, 0.80, 0.96]
     results.cost_steal = [(0.01, 0.02), (0.0, 0.0), (0.3, 0.1), (0.05, 0.05), (0.0, 0.2)]
     results.instructions = {"floor": 76_000.0, "lean": 124_000.0, "default": 176_500.0, "writer": 40_000.0}
-    results.loop_stalls = [Stalls(writer=WRITERS[0], rows=30_000, seconds=6.0, gaps=[0.002, 0.004])]
+    results.loop_stalls = [Stalls(writer=WRITERS[0], rows=30_000, seconds=6.0, gaps=[0.002, 0.004], steal=0.02)]
     results.profile = Profile(thread="MainThread", samples=6, self_counts=Counter({"send (s.py)": 3}),
                               total_counts=Counter({"run (r.py)": 6}), thread_samples=Counter({"MainThread": 6}),
                               thread_top_frame={"MainThread": ("send (s.py)", 3)})
