@@ -104,7 +104,7 @@ def record(target: Target, settings: Settings, body_file: Path, *, wrk: str, wor
     time.sleep(0.3)  # perf attached before the load starts
     try:
         run_wrk(wrk_command(target.url, threads=settings.threads, connections=settings.connections,
-                            seconds=seconds, wrk=str(wrk)),
+                            seconds=seconds, wrk=wrk),
                 wrk_environment(body_file=body_file, users=settings.users, spread=target.spread), seconds)
     finally:
         try:

@@ -260,12 +260,12 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
     if cost is not None:
         how = "back-to-back pairs" if results.cost_ratios else "medians over rounds"
         checks.append(Check(f"throughput cost of outcome logging + metrics ({how})", "noop", cost, 10.0, "%", True,
-                            tuple(100 * (1 - ratio) for ratio in results.cost_ratios)))
+                            tuple(_costs(results.cost_ratios))))
     adjusted = results.adjusted_cost_ratios()
     if adjusted:
         checks.append(Check("throughput cost of outcome logging + metrics (the same pairs, steal-adjusted)", "noop",
                             100 * (1 - statistics.median(adjusted)), 10.0, "%", True,
-                            tuple(100 * (1 - ratio) for ratio in adjusted)))
+                            tuple(_costs(adjusted))))
     return checks
 
 
@@ -412,14 +412,14 @@ def _feature_section(results: BenchResults) -> str:
              f"{_signed(results.machine_cpu(full) - results.machine_cpu(lean), 0)} µs "
              f"({_signed(_percent(results.machine_cpu(full), results.machine_cpu(lean)) - 100, 1)} %).\n"]
     if results.cost_ratios:
-        costs = sorted(100 * (1 - ratio) for ratio in results.cost_ratios)
+        costs = sorted(_costs(results.cost_ratios))
         settings = results.settings
         lines.insert(0, f"\n**Outcome logging + metrics cost {_number(results.logging_cost() or 0.0, 1)} % of throughput** "
                         f"(target < 10 %): the median over {len(costs)} back-to-back pairs of {settings.cost_pair_s:g}-second "
                         f"saturation runs, default and {FEATURE_BASELINE}, alternating which goes first (the pairs ranged "
                         f"from {_number(costs[0], 1)} % to {_number(costs[-1], 1)} %). A pair runs seconds apart, so "
                         "it shares the machine's conditions, while rounds are a minute apart.\n")
-        adjusted = sorted(100 * (1 - ratio) for ratio in results.adjusted_cost_ratios())
+        adjusted = sorted(_costs(results.adjusted_cost_ratios()))
         if adjusted:
             steal = sorted(100 * share for pair in results.cost_steal for share in pair)
             lines.insert(1, f"\nThe hypervisor took {_number(steal[0], 1)} % to {_number(steal[-1], 1)} % of the machine's "
@@ -573,8 +573,7 @@ def _perf_section(results: BenchResults) -> str:
         return title + (f"_Not recorded in this run: {results.perf_error}._\n" if results.perf_error
                         else "_Not recorded in this run._\n")
     def binaries(profile: PerfProfile) -> str:
-        return "; ".join(f"{'kernel' if binary == KERNEL else f'`{binary}`'} {share:.1f} %"
-                         for binary, share in profile.by_binary)
+        return "; ".join(f"{_binary(binary)} {share:.1f} %" for binary, share in profile.by_binary)
 
     rows = "".join(f"| {profile.hop} | {profile.kernel_share:.1f} % | {binaries(profile)} |\n"
                    for profile in results.perf_profiles)
@@ -582,7 +581,7 @@ def _perf_section(results: BenchResults) -> str:
     for profile in results.perf_profiles:
         functions.append(f"\n{profile.hop} ({profile.cpu_seconds:.2f} CPU seconds sampled), heaviest functions:\n\n"
                          "| share | binary | function |\n|---|---|---|\n"
-                         + "".join(f"| {share:.1f} % | {'kernel' if binary == KERNEL else f'`{binary}`'} | `{name}` |\n"
+                         + "".join(f"| {share:.1f} % | {_binary(binary)} | `{name}` |\n"
                                    for binary, name, share in profile.top_functions))
     return (
         title + f"`perf record -e cpu-clock -F {perf_profile.SAMPLE_RATE_HZ}` on the hop's processes (the balancer and its store "
@@ -591,6 +590,11 @@ def _perf_section(results: BenchResults) -> str:
         "0.5 % left out). Unlike py-spy it sees the kernel's share of the work, where loopback TCP runs.\n\n"
         "| hop | kernel | by binary |\n|---|---|---|\n" + rows + "".join(functions)
     )
+
+
+def _binary(name: str) -> str:
+    """A perf binary as the report names it: the kernel in words, a file in code."""
+    return "kernel" if name == KERNEL else f"`{name}`"
 
 
 def _model_cpu_paragraph(results: BenchResults) -> str:
@@ -806,6 +810,11 @@ def _cpu(microseconds: float, kernel_share: float) -> str:
 
 def _decimals(unit: str) -> int:
     return 2 if unit == "ms" else 0
+
+
+def _costs(ratios: Sequence[float]) -> list[float]:
+    """Throughput ratios (with / without a feature) as the per cent of throughput the feature costs."""
+    return [100 * (1 - ratio) for ratio in ratios]
 
 
 def _percent(part: float, whole: float) -> float:

@@ -75,6 +75,13 @@ def throughput_ratio(pair: tuple[SaturationSample, SaturationSample], *, steal_a
     return pair[0].requests_per_second / pair[1].requests_per_second
 
 
+def busy_share(cpu: CpuUsage | None, seconds: float) -> float | None:
+    """CPU seconds per second of wall time (1.0: one core kept busy); None without CPU figures, NaN over no time."""
+    if cpu is None:
+        return None
+    return cpu.total_s / seconds if seconds > 0 else math.nan
+
+
 @dataclass(frozen=True)
 class SaturationSample:
     """One wrk run, with the CPU the hop's and the backends' processes used meanwhile."""
@@ -113,7 +120,7 @@ class SaturationSample:
     @property
     def proxy_busy(self) -> float | None:
         """The hop's CPU seconds per second of the run: 1.0 is one core kept busy (None for direct runs)."""
-        return None if self.proxy_cpu is None or self.seconds <= 0 else self.proxy_cpu.total_s / self.seconds
+        return busy_share(self.proxy_cpu, self.seconds)
 
     @property
     def machine_us_per_request(self) -> float:
@@ -173,7 +180,7 @@ class FixedRateSample:
     @property
     def proxy_busy(self) -> float | None:
         """The hop's CPU seconds per second of the run: 1.0 is one core kept busy (None for direct runs)."""
-        return None if self.proxy_cpu is None else self.proxy_cpu.total_s / self.seconds
+        return busy_share(self.proxy_cpu, self.seconds)
 
 
 def saturation_sample(result: WrkResult, proxy_cpu: CpuUsage | None, backend_cpu: CpuUsage, *,

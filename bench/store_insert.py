@@ -66,16 +66,10 @@ def synthetic_rows(count: int) -> list[Row]:
     return [synthetic_row(index, now + index / 1000) for index in range(count)]
 
 
-def measure(method: Callable[[sqlite3.Connection, list[Row]], None], rows: list[Row], batch: int, *,
-            schema: str = store.SCHEMA) -> float:
-    """CPU microseconds per row, writing `rows` into a fresh store (created with `schema`) `batch` rows per transaction."""
-    micros, _ = measure_store(method, rows, batch, schema=schema)
-    return micros
-
-
 def measure_store(method: Callable[[sqlite3.Connection, list[Row]], None], rows: list[Row], batch: int, *,
                   schema: str = store.SCHEMA) -> tuple[float, int]:
-    """`measure`, and the store's size in bytes after a checkpoint."""
+    """CPU microseconds per row, writing `rows` into a fresh store (created with `schema`) `batch` rows per
+    transaction, and the store's size in bytes after a checkpoint."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "outcomes.db"
         with contextlib.closing(sqlite3.connect(path)) as creating:
@@ -99,7 +93,7 @@ def measure_store(method: Callable[[sqlite3.Connection, list[Row]], None], rows:
 def run(rows: int = 60_000, batch: int = 1_200, repeats: int = 2) -> dict[str, float]:
     """Best of `repeats` per method, in µs of CPU per row."""
     data = synthetic_rows(rows)
-    return {name: min(measure(method, data, batch) for _ in range(repeats)) for name, method in METHODS.items()}
+    return {name: min(measure_store(method, data, batch)[0] for _ in range(repeats)) for name, method in METHODS.items()}
 
 
 SCHEMAS = {"WITHOUT ROWID tables (used)": store.SCHEMA, "rowid tables (stores created before)": store.ROWID_SCHEMA}
