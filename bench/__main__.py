@@ -42,9 +42,8 @@ from bench.runs import (
     measure_saturation,
     median,
     openloop_command,
-    paired_samples,
-    throughput_ratio,
 )
+from bench.same_core import SAME_CORE_LABELS, SameCorePair, measure_pairs
 from bench.stack import (
     FEATURE_BASELINE,
     FEATURE_CONFIGURATIONS,
@@ -125,10 +124,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
             saturation = interleaved(saturation_targets, settings.rounds, saturate, pause_s=settings.pause_s,
                                      what="saturation")
             by_name = {target.name: target for target in saturation_targets}
-            logger.info("measuring the cost of outcome logging + metrics in %d back-to-back pairs", settings.cost_pairs)
-            cost_pairs = paired_samples(
-                by_name["noop balancer"], by_name[f"noop balancer ({FEATURE_BASELINE})"], settings.cost_pairs,
-                partial(saturate, seconds=settings.cost_pair_s), pause_s=settings.pause_s)
+            same_core = _measure_same_core(by_name, settings, body_file, tools["wrk"])
             rates = {target.kind: median([s.requests_per_second for s in saturation[target.name]]) / 2
                      for target in latency_targets if target.name == f"{target.kind} balancer"}
             fixed_rate = interleaved(
@@ -142,8 +138,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 started=started, seconds=0.0,
                 commands=_commands(latency_targets, settings, rates, body_file, workdir),
                 feature_labels=[options.label for options in FEATURE_CONFIGURATIONS] + [FLOOR_LABEL],
-                cost_ratios=[throughput_ratio(pair) for pair in cost_pairs],
-                cost_steal=[(full.steal, lean.steal) for full, lean in cost_pairs],
+                same_core=same_core,
             )
             _add_perf_profiles(results, settings, body_file, tools["wrk"], workdir)
             if profile:
@@ -165,6 +160,19 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
         logger.warning("instruction counts failed: %s", exc)
     results.seconds = time.monotonic() - clock
     return results
+
+
+def _measure_same_core(by_name: dict[str, Target], settings: Settings, body_file: Path,
+                       wrk: str) -> dict[str, list[SameCorePair]]:
+    """The default balancer, then each feature alone, run at once with the lean one on one core (bench/same_core.py)."""
+    lean = by_name[f"noop balancer ({FEATURE_BASELINE})"]
+    measured = {}
+    for label in SAME_CORE_LABELS:
+        target = by_name["noop balancer" + ("" if label == "default" else f" ({label})")]
+        logger.info("measuring %s against %s on one core, %d runs", target.name, lean.name, settings.same_core_pairs)
+        measured[label] = measure_pairs(target, lean, settings.same_core_pairs, settings=settings, body_file=body_file,
+                                        wrk=wrk, seconds=settings.same_core_s)
+    return measured
 
 
 def _time_report(quick: bool) -> tuple[int, float]:

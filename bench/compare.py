@@ -1,14 +1,21 @@
 """Saturation throughput of this checkout's balancer against another commit's, in back-to-back pairs.
 
-    python -m bench.compare --base 2b94d0d [--pairs 8] [--seconds 4]
+    python -m bench.compare --base 2b94d0d [--method same-core|back-to-back] [--pairs 8] [--seconds 4]
 
 Does a change help? `make bench` measures one tree; its figures move by tens of per cent
 between runs on a shared machine, more than most changes are worth. This checks `--base` out
 into a temporary git worktree (compiling its request path there when it has
 `scripts/build_native.py`, as `make native` does here), starts two no-op backends and, in front
-of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, uvloop), and
-runs wrk at saturation against each in turn, seconds apart, alternating which goes first. Each
-pair's ratio shares the machine's conditions; the median ratio is the answer.
+of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, uvloop), then:
+
+- `same-core` (the default): both balancers at once, their processes (store writers included)
+  pinned to one CPU, each loaded by its own wrk from the other CPUs (`bench/same_core.py`). Each
+  run gives the ratio of their CPU per request; whatever slows that CPU slows both alike, so a
+  difference of a few per cent shows.
+- `back-to-back`: wrk at saturation against each in turn, seconds apart, alternating which goes
+  first; each pair's throughput ratio. Closer to how the balancer is used, but noisier.
+
+The median ratio over the pairs is the answer.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from balancer import native
 from bench.errors import BenchError
 from bench.report import CONFIDENCE, median_interval
 from bench.runs import FULL, measure_saturation, paired_samples, throughput_ratio
+from bench.same_core import measure_pairs
 from bench.stack import BalancerOptions, Stack
 from bench.tools import ensure_tools
 from tests.processes import REPO, artifacts_dir
@@ -57,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the commit to compare against (anything git rev-parse takes)")
+    parser.add_argument("--method", choices=("same-core", "back-to-back"), default="same-core")
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of each saturation run")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each run")
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.seconds <= 0:
         parser.error("--pairs must be at least 1 and --seconds above 0")
@@ -77,15 +86,26 @@ def main(argv: list[str] | None = None) -> int:
                 this = stack.balancer("noop", BalancerOptions("default"), upstreams, backend_pids)
                 other = stack.balancer("noop", BalancerOptions(BASE_LABEL), upstreams, backend_pids, source=base)
                 stack.ready()
-                saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
-                for target in (this, other):  # connection pools and caches filled; not measured
-                    saturate(target, seconds=settings.warmup_s)
-                pairs = paired_samples(this, other, args.pairs, saturate, pause_s=settings.pause_s)
+                if args.method == "same-core":
+                    together = partial(measure_pairs, this, other, settings=settings, body_file=body_file,
+                                       wrk=tools["wrk"])
+                    together(1, seconds=settings.warmup_s)  # connection pools and caches filled; not measured
+                    # this tree's throughput over base's on a saturated core: base's CPU per request over this one's
+                    ratios = [pair.second.us_per_request / pair.first.us_per_request
+                              for pair in together(args.pairs, seconds=args.seconds)]
+                else:
+                    saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
+                    for target in (this, other):  # connection pools and caches filled; not measured
+                        saturate(target, seconds=settings.warmup_s)
+                    pairs = paired_samples(this, other, args.pairs, saturate, pause_s=settings.pause_s)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder / "base")],
                            capture_output=True, check=False)
-    print(f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}) / {args.base}: "
-          + summarize([throughput_ratio(pair) for pair in pairs], args.seconds))
+    tree = f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}) / {args.base}"
+    if args.method == "same-core":
+        print(f"{tree}, both on one core (base's CPU per request ÷ this tree's): " + summarize(ratios, args.seconds))
+        return 0
+    print(f"{tree}: " + summarize([throughput_ratio(pair) for pair in pairs], args.seconds))
     print("the same, steal-adjusted (requests/s ÷ (1 − steal) per run): "
           + summarize([throughput_ratio(pair, steal_adjusted=True) for pair in pairs], args.seconds))
     return 0

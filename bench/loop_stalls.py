@@ -89,7 +89,7 @@ class ThreadWriter:
 
     def __init__(self, path: Path) -> None:
         self.writer = StoreWriter(store.connect(path))
-        self.rows: list[tuple[Any, ...]] = []
+        self.columns: list[Any] = []
         self.written_requests = 0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -97,11 +97,11 @@ class ThreadWriter:
 
     def record_request(self, row: tuple[Any, ...]) -> None:
         """Queue a row (on the event loop)."""
-        self.rows.append(row)
+        self.columns.extend(row)
 
     def _flush(self) -> None:
-        rows, self.rows = self.rows, []
-        outcome = self.writer.write(rows, [], [])
+        columns, self.columns = self.columns, []
+        outcome = self.writer.write(columns, [], [])
         if outcome.error is not None:
             raise RuntimeError(outcome.error)
         self.written_requests += outcome.inserted

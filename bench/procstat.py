@@ -138,3 +138,22 @@ def busy_seconds(before: MachineTimes, after: MachineTimes) -> float:
     idle = after.idle_ticks - before.idle_ticks
     steal = after.steal_ticks - before.steal_ticks
     return (total - idle - steal) / CLOCK_TICKS_PER_SECOND
+
+
+def pin_process(pid: int, cpus: set[int], proc: Path = Path("/proc")) -> None:
+    """Move every thread of a process onto `cpus` (a process or thread that ended meanwhile is skipped)."""
+    try:
+        tasks = list((proc / str(pid) / "task").iterdir())
+    except FileNotFoundError:
+        return
+    for task in tasks:
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(one CPU for the hop under test, the others for everything else) with two CPUs or more, else None."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.procstat import pin_process, split_cpus
 from bench.runs import Settings
 from bench.stack import Target
 from bench.wrk import run_wrk, wrk_command, wrk_environment
@@ -86,21 +87,6 @@ def py_spy_path() -> Path:
     return path
 
 
-def pin(pid: int, cpus: set[int]) -> None:
-    """Move every thread of a process onto `cpus`."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            os.sched_setaffinity(int(task.name), cpus)
-        except (ProcessLookupError, FileNotFoundError):
-            pass  # the thread ended meanwhile
-
-
-def profiling_cpus() -> tuple[set[int], set[int]] | None:
-    """(the balancer's CPU, everyone else's) when there are at least two CPUs, else None."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return ({cpus[-1]}, set(cpus[:-1])) if len(cpus) >= 2 else None
-
-
 def record_profile(target: Target, settings: Settings, body_file: Path, *, wrk: str, workdir: Path,
                    seconds: float) -> Profile:
     """Sample `target`'s proxy process with py-spy while wrk saturates it.
@@ -111,12 +97,12 @@ def record_profile(target: Target, settings: Settings, body_file: Path, *, wrk: 
     in whatever it was doing, inflating the socket-write frames.
     """
     assert target.proxy_pid is not None
-    split = profiling_cpus()
+    split = split_cpus()
     everywhere = os.sched_getaffinity(0)
     if split is not None:
-        pin(target.proxy_pid, split[0])
+        pin_process(target.proxy_pid, split[0])
         for pid in target.backend_pids:
-            pin(pid, split[1])
+            pin_process(pid, split[1])
     pinning = ("not pinned (one CPU)" if split is None else
                f"balancer pinned to CPU {_cpu_list(split[0])}, wrk and the backends to CPU {_cpu_list(split[1])}")
     try:
@@ -125,7 +111,7 @@ def record_profile(target: Target, settings: Settings, body_file: Path, *, wrk: 
         return replace(profile, pinning=pinning)
     finally:
         for pid in (target.proxy_pid, *target.backend_pids):
-            pin(pid, everywhere)
+            pin_process(pid, everywhere)
 
 
 def _cpu_list(cpus: set[int]) -> str:

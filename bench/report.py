@@ -16,7 +16,9 @@ from bench.loop_stalls import STALL_S, WRITERS, Stalls
 from bench import perf_profile
 from bench.perf_profile import KERNEL, PerfProfile
 from bench.profile import SAMPLE_RATE_HZ, Profile
+from bench.report_cost import SAME_CORE_HOW, same_core_costs, same_core_paragraph
 from bench.runs import FixedRateSample, SaturationSample, Settings, median
+from bench.same_core import SameCorePair
 from bench.stack import (
     AIOHTTP_FLOOR_LABEL,
     ASYNCIO_LABEL,
@@ -63,6 +65,8 @@ class BenchResults:
     perf_error: str | None = None
     cost_steal: list[tuple[float, float]] = field(default_factory=list)  # per pair: steal during default's, lean's run
     feature_labels: list[str] = field(default_factory=list)
+    # bench/same_core.py: feature configuration label -> its runs at once with outcomes and metrics off
+    same_core: dict[str, list[SameCorePair]] = field(default_factory=dict)
 
     def target(self, kind: str, hop: str, label: str = "") -> Target | None:
         """The target of `kind` and `hop` ('balancer' with a label for the feature-cost variants)."""
@@ -70,7 +74,10 @@ class BenchResults:
         return next((target for target in self.targets if target.name == name), None)
 
     def logging_cost(self) -> float | None:
-        """Throughput lost to outcome logging + metrics, in %: from the back-to-back pairs, else the rounds' medians."""
+        """Throughput lost to outcome logging + metrics, in %: from the same-core pairs, else the back-to-back
+        pairs (results from before them), else the rounds' medians."""
+        if self.same_core.get("default"):
+            return statistics.median(same_core_costs(self.same_core["default"]))
         if self.cost_ratios:
             return 100 * (1 - statistics.median(self.cost_ratios))
         return self.round_logging_cost()
@@ -257,7 +264,11 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
                   _percent(results.rps(balancer), results.rps(nginx)), 50.0, "%", False, throughput_share(nginx)),
         ]
     cost = results.logging_cost()
-    if cost is not None:
+    if results.same_core.get("default"):
+        assert cost is not None
+        checks.append(Check(f"throughput cost of outcome logging + metrics ({SAME_CORE_HOW})", "noop", cost, 10.0, "%",
+                            True, tuple(same_core_costs(results.same_core["default"]))))
+    elif cost is not None:
         how = "back-to-back pairs" if results.cost_ratios else "medians over rounds"
         checks.append(Check(f"throughput cost of outcome logging + metrics ({how})", "noop", cost, 10.0, "%", True,
                             tuple(_costs(results.cost_ratios))))
@@ -411,7 +422,10 @@ def _feature_section(results: BenchResults) -> str:
              f"µs per request); the whole machine's CPU per request, load generator and backends included, differed by "
              f"{_signed(results.machine_cpu(full) - results.machine_cpu(lean), 0)} µs "
              f"({_signed(_percent(results.machine_cpu(full), results.machine_cpu(lean)) - 100, 1)} %).\n"]
-    if results.cost_ratios:
+    if results.same_core.get("default"):
+        check = next(check for check in evaluate_targets(results) if SAME_CORE_HOW in check.goal)
+        lines.insert(0, same_core_paragraph(results.same_core, results.settings, check.interval))
+    elif results.cost_ratios:
         costs = sorted(_costs(results.cost_ratios))
         settings = results.settings
         lines.insert(0, f"\n**Outcome logging + metrics cost {_number(results.logging_cost() or 0.0, 1)} % of throughput** "

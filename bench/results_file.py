@@ -25,6 +25,7 @@ from bench.procstat import CpuUsage
 from bench.profile import Profile
 from bench.report import BenchResults
 from bench.runs import FixedRateSample, SaturationSample, Settings
+from bench.same_core import CoreShare, SameCorePair
 from bench.stack import Target
 
 FORMAT = 1  # bumped when a field changes meaning; an older file is refused rather than misread
@@ -62,6 +63,8 @@ def load(path: Path) -> BenchResults:
         fields["loop_stalls"] = [Stalls(**stalls) for stalls in fields["loop_stalls"]]
         fields["cost_steal"] = [tuple(pair) for pair in fields.get("cost_steal", [])]
         fields["perf_profiles"] = [_perf_profile(profile) for profile in fields.get("perf_profiles", [])]
+        fields["same_core"] = {label: [_same_core_pair(pair) for pair in pairs]
+                               for label, pairs in fields.get("same_core", {}).items()}
         return BenchResults(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise BenchError(f"{path} is not a complete bench results file: {type(exc).__name__}: {exc}") from exc
@@ -89,6 +92,10 @@ def _saturation(fields: dict[str, Any]) -> SaturationSample:
 
 def _fixed_rate(fields: dict[str, Any]) -> FixedRateSample:
     return FixedRateSample(**{**fields, "proxy_cpu": _cpu(fields["proxy_cpu"])})
+
+
+def _same_core_pair(fields: dict[str, Any]) -> SameCorePair:
+    return SameCorePair(first=CoreShare(**fields["first"]), second=CoreShare(**fields["second"]), busy=fields["busy"])
 
 
 def _perf_profile(fields: dict[str, Any]) -> PerfProfile:

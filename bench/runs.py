@@ -38,12 +38,14 @@ class Settings:
     rate_connections: int = 32
     users: int = 1000
     pause_s: float = 0.5
-    cost_pairs: int = 16  # back-to-back saturation pairs, default vs outcomes and metrics off
+    cost_pairs: int = 16  # back-to-back saturation pairs, default vs outcomes and metrics off (results before same-core pairs)
     cost_pair_s: float = 3.0
+    same_core_pairs: int = 10  # bench/same_core.py: runs of each feature configuration at once with the lean one
+    same_core_s: float = 3.0
 
 
 FULL = Settings(rounds=5, saturation_s=4, fixed_rate_s=4, warmup_s=0.5)
-QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5, cost_pairs=2)
+QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5, cost_pairs=2, same_core_pairs=2)
 
 
 def paired_samples(first: Target, second: Target, pairs: int, measure: Callable[[Target], SaturationSample], *,
