@@ -91,7 +91,8 @@ class ServerSettings(_Frozen):
     admin_port: Annotated[int, Field(ge=0, le=65535)] = 8081
     store: str = "var/outcomes.db"
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
-    # Request ids remembered in memory (~160 bytes each) so feedback joins without reading the store.
+    # Committed request ids remembered in memory (~160 bytes each) so feedback joins without reading the
+    # store; ids not committed yet are always remembered.
     recent_request_ids: Annotated[int, Field(ge=0, le=10_000_000)] = 200_000
     max_in_flight: Annotated[int, Field(ge=1)] = 1024
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024

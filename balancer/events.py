@@ -1,6 +1,8 @@
 """The durable outcome log: request records and feedback, queued on the event loop, committed by a writer process.
 
-The event loop only appends tuples to in-memory lists (no I/O, no locks). A sender thread
+The event loop only appends to in-memory lists (no I/O, no locks): a request row's columns go
+straight onto one flat list, so no tuple per row lives until the flush (allocating, marshalling
+and freeing those cost the balancer ~1 µs per request). A sender thread
 swaps the lists every `flush_interval_s` and hands them to the store's writer process
 (`balancer.store_writer`), which commits each batch in one SQLite transaction and answers
 with what it stored. SQLite's work, and the GIL it holds while binding parameters, stays
@@ -29,7 +31,10 @@ logger = logging.getLogger(__name__)
 # Request rows go to the writer in frames of this many: serializing one holds the GIL, so
 # the event loop waits at most one frame's worth (tens of microseconds), not a whole batch's.
 ROWS_PER_FRAME = 256
+REQUEST_WIDTH = len(store.REQUEST_COLUMNS)
 WRITER_STOP_TIMEOUT_S = 30.0
+# Committed request ids are remembered in about this many dicts (see EventLog.__init__).
+COMMITTED_GENERATIONS = 8
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -48,14 +53,22 @@ class EventLog:
         self._max_rows_per_statement = max_rows_per_statement
         self._reader = store.connect(self.path)  # creates the schema: a store that cannot be opened fails here
         self._process: subprocess.Popen[bytes] | None = None
-        self._requests: list[tuple[Any, ...]] = []
+        self._requests: list[Any] = []  # the columns of every buffered request row, row after row
+        self._malformed: list[tuple[Any, ...]] = []
         self._feedback: list[tuple[str, float, float]] = []
         self._configs: list[tuple[Any, ...]] = []
-        # request id -> variant of the last `recent_ids` requests; the ring says which id to forget next.
-        # (A plain dict and a list cost a third of an OrderedDict's insertion and eviction.)
-        self._recent: dict[str, str] = {}
-        self._recent_ring: list[str | None] = [None] * max(1, recent_ids)
-        self._recent_at = 0
+        # Request id -> variant, so feedback joins without reading the store. Every id not yet
+        # committed is kept: in `_unsent` (recorded since the last flush began; the event loop's
+        # only write) and in `_sending` (the dicts of batches handed to the writer, not yet
+        # committed). Of the committed ids, `_committed` keeps about the last `recent_ids` in a few
+        # dicts, newest last, each dropped whole once the newer ones hold `recent_ids`. The hot path
+        # inserts into one small dict instead of evicting an old id from a large map per request.
+        # Only the sender thread replaces these tuples and dicts, each publishing an id in its new
+        # place before removing it from the old, so a reader on another thread always finds it.
+        self._recent_ids = recent_ids
+        self._unsent: dict[str, str] = {}
+        self._sending: tuple[dict[str, str], ...] = ()
+        self._committed: tuple[dict[str, str], ...] = ()
         self._wake = threading.Event()
         self._stopping = False
         self._flush_lock = threading.Lock()
@@ -71,15 +84,11 @@ class EventLog:
     # hot path: called on the event loop, no I/O
     def record_request(self, row: tuple[Any, ...]) -> None:
         """Queue one request record (columns in `store.REQUEST_COLUMNS` order)."""
-        self._requests.append(row)
-        request_id: str = row[0]
-        ring, at = self._recent_ring, self._recent_at
-        forgotten = ring[at]
-        if forgotten is not None and forgotten != request_id:
-            self._recent.pop(forgotten, None)
-        ring[at] = request_id
-        self._recent_at = at + 1 if at + 1 < len(ring) else 0
-        self._recent[request_id] = row[4]
+        if len(row) != REQUEST_WIDTH:  # in the flat list it would shift every later row's columns
+            self._malformed.append(row)  # refused at the next flush, like a record the store refuses
+            return
+        self._requests.extend(row)
+        self._unsent[row[0]] = row[4]
 
     def record_feedback(self, request_id: str, value: float) -> None:
         """Queue ground truth for a request (last value wins)."""
@@ -94,13 +103,20 @@ class EventLog:
         self._wake.set()
 
     def recent_variant(self, request_id: str) -> str | None:
-        """The variant of a request this process logged recently (flushed or not), else None."""
-        return self._recent.get(request_id)
+        """The variant of a request this process logged recently (committed or not), else None."""
+        variant = self._unsent.get(request_id)
+        if variant is not None:
+            return variant
+        for generation in (*self._sending, *reversed(self._committed)):
+            variant = generation.get(request_id)
+            if variant is not None:
+                return variant
+        return None
 
     # off the loop
     def variant_of(self, request_id: str) -> str | None:
         """The variant of a logged request, or None if unknown. Blocking: call in a thread."""
-        variant = self._recent.get(request_id)
+        variant = self.recent_variant(request_id)
         if variant is not None:
             return variant
         with self._flush_lock:
@@ -118,7 +134,14 @@ class EventLog:
             requests, self._requests = self._requests, []
             feedback, self._feedback = self._feedback, []
             configs, self._configs = self._configs, []
+            if self._unsent:  # a failed batch's ids stay in `_sending` until it is committed
+                self._sending = (*self._sending, self._unsent)
+                self._unsent = {}
+            malformed, self._malformed = self._malformed, []
+            refused = [("requests", repr(row)[:500], f"ValueError: {len(row)} columns, expected {REQUEST_WIDTH}")
+                       for row in malformed]
             if not (requests or feedback or configs):
+                self._report_rejected(refused)
                 return
             try:
                 inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
@@ -127,32 +150,55 @@ class EventLog:
                 # half-sent, so the writer, which wrote nothing of it, is replaced; the other
                 # records go again with the next flush.
                 self._stop_writer()
-                requests, feedback, configs = (self._drop_unsendable(table, rows) for table, rows in
-                                               (("requests", requests), ("feedback", feedback), ("configs", configs)))
+                requests = [column for row in self._drop_unsendable("requests", _rows(requests)) for column in row]
+                feedback, configs = (self._drop_unsendable(table, rows) for table, rows in
+                                     (("feedback", feedback), ("configs", configs)))
                 error = "a record could not be sent to the store writer"
             except (WriterGone, OSError) as exc:
                 error = f"the store writer failed: {exc}"
                 self._stop_writer()
             if error is not None:
                 # Keep the batch for the next attempt rather than lose it.
+                self._report_rejected(refused)
                 self.last_error = error
-                logger.error("writing %d records to %s failed: %s; will retry", len(requests) + len(feedback), self.path, error)
+                logger.error("writing %d records to %s failed: %s; will retry", len(requests) // REQUEST_WIDTH + len(feedback),
+                             self.path, error)
                 self._requests[:0] = requests
                 self._feedback[:0] = feedback
                 self._configs[:0] = configs
                 return
             rejected_requests = sum(1 for table, _, _ in rejected if table == "requests")
-            self.written_requests += len(requests) - rejected_requests
-            self.duplicate_requests += len(requests) - rejected_requests - inserted
+            rows = len(requests) // REQUEST_WIDTH
+            self.written_requests += rows - rejected_requests
+            self.duplicate_requests += rows - rejected_requests - inserted
             self.written_feedback += written_feedback
-            self.rejected_records += len(rejected)
             self.last_error = None
-            for table, record, reason in rejected:
-                logger.error("the store refused a %s record and it was dropped: %s: %s", table, reason, record)
-            if rejected:
-                self.last_error = f"{len(rejected)} records refused by the store, last: {rejected[-1][2]}"
+            self._remember_committed()
+            self._report_rejected(refused + rejected)
 
-    def _drop_unsendable(self, table: str, rows: list[Any]) -> list[Any]:
+    def _report_rejected(self, rejected: list[tuple[str, str, str]]) -> None:
+        """Log and count records the store refused (table, record, reason); they are not retried."""
+        self.rejected_records += len(rejected)
+        for table, record, reason in rejected:
+            logger.error("the store refused a %s record and it was dropped: %s: %s", table, reason, record)
+        if rejected:
+            self.last_error = f"{len(rejected)} records refused by the store, last: {rejected[-1][2]}"
+
+    def _remember_committed(self) -> None:
+        """Move the committed batches' ids from `_sending` to `_committed`, forgetting the oldest beyond `recent_ids`."""
+        if self._recent_ids > 0:
+            generations = list(self._committed)
+            for committed in self._sending:
+                if generations and len(generations[-1]) + len(committed) <= self._recent_ids // COMMITTED_GENERATIONS:
+                    generations[-1].update(committed)  # a small batch joins the newest dict: lookups scan few dicts
+                else:
+                    generations.append(committed)
+            while sum(map(len, generations[1:])) >= self._recent_ids:
+                del generations[0]
+            self._committed = tuple(generations)
+        self._sending = ()
+
+    def _drop_unsendable(self, table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """The rows marshal can carry; the others are logged and counted as rejected."""
         kept = []
         for row in rows:
@@ -165,16 +211,17 @@ class EventLog:
                 kept.append(row)
         return kept
 
-    def _exchange(self, requests: list[tuple[Any, ...]], feedback: list[tuple[str, float, float]],
+    def _exchange(self, requests: list[Any], feedback: list[tuple[str, float, float]],
                   configs: list[tuple[Any, ...]]) -> tuple[int, int, list[tuple[str, str, str]], str | None]:
         """Send one batch to the writer and wait for its answer (the pipe I/O lets the event loop run)."""
         process = self._writer_process()
         assert process.stdin is not None and process.stdout is not None
-        chunks = range(0, len(requests), ROWS_PER_FRAME)
+        frame = ROWS_PER_FRAME * REQUEST_WIDTH
+        chunks = range(0, len(requests), frame)
         try:
             store_writer.write_frame(process.stdin, (len(chunks), feedback, configs))
             for start in chunks:
-                store_writer.write_frame(process.stdin, requests[start:start + ROWS_PER_FRAME])
+                store_writer.write_frame(process.stdin, requests[start:start + frame])
             process.stdin.flush()
             inserted, written_feedback, rejected, error = store_writer.read_frame(process.stdout)
         except (BrokenPipeError, EOFError) as exc:
@@ -236,7 +283,12 @@ class EventLog:
     @property
     def pending(self) -> int:
         """Records buffered but not yet committed."""
-        return len(self._requests) + len(self._feedback)
+        return len(self._requests) // REQUEST_WIDTH + len(self._feedback)
+
+
+def _rows(columns: list[Any]) -> list[tuple[Any, ...]]:
+    """A flat list of request columns as rows."""
+    return [tuple(columns[start:start + REQUEST_WIDTH]) for start in range(0, len(columns), REQUEST_WIDTH)]
 
 
 def _close_quietly(stream: IO[bytes] | None) -> None:

@@ -10,7 +10,8 @@ throughput at saturation. Here it runs beside it, on another core when there is 
 Messages on both pipes are frames: a 4-byte big-endian length, then a `marshal` payload (the
 two ends are the same interpreter, so the format always matches). A batch is one header frame
 `(request chunks, feedback rows, config rows)` followed by that many frames of request rows
-(chunked so the sender never holds the GIL for long); the answer is one frame
+(chunked so the sender never holds the GIL for long), each a flat list of the rows' columns, row
+after row: the parameters of the INSERT as they are, with no tuple per row to build; the answer is one frame
 `(requests inserted, feedback written, rejected records, error)`. A batch is one transaction.
 When it fails with an error that may pass (the disk is full, the store is locked) nothing is
 written and `error` says why: the sender keeps the batch and retries it. When SQLite refuses a
@@ -78,6 +79,7 @@ NICENESS = 10
 TRANSIENT_ERRORS = (sqlite3.OperationalError,)
 
 Row = tuple[Any, ...]
+WIDTH = len(store.REQUEST_COLUMNS)
 
 
 def insert_statements(max_rows: int = MAX_ROWS_PER_STATEMENT) -> dict[int, str]:
@@ -93,16 +95,24 @@ _DEFAULT_INSERTS = insert_statements()
 
 def insert_requests(connection: sqlite3.Connection, rows: Sequence[Row], statements: dict[int, str] = _DEFAULT_INSERTS) -> None:
     """Insert `rows` (columns in `store.REQUEST_COLUMNS` order, reused ids skipped) with the fixed-size `statements`."""
-    start, count = 0, len(rows)
-    width = len(store.REQUEST_COLUMNS)
+    for row in rows:
+        if len(row) != WIDTH:
+            raise ValueError(f"a request row has {len(row)} columns, expected {WIDTH}: {row!r}"[:500])
+    insert_columns(connection, list(chain.from_iterable(rows)), statements)
+
+
+def insert_columns(connection: sqlite3.Connection, columns: list[Any], statements: dict[int, str] = _DEFAULT_INSERTS) -> None:
+    """Insert request rows given as one flat list of their columns, row after row (its Nones become 0: see above)."""
+    if len(columns) % WIDTH:
+        raise ValueError(f"{len(columns)} request columns are not whole rows of {WIDTH}")
+    for position in _NULLABLE_POSITIONS:
+        for index in range(position, len(columns), WIDTH):
+            if columns[index] is None:
+                columns[index] = 0
+    start, count = 0, len(columns) // WIDTH
     for size, statement in statements.items():
         while count - start >= size:
-            parameters = list(chain.from_iterable(rows[start:start + size]))  # a short row: SQLite refuses the count
-            for position in _NULLABLE_POSITIONS:
-                for index in range(position, len(parameters), width):
-                    if parameters[index] is None:
-                        parameters[index] = 0
-            connection.execute(statement, parameters)
+            connection.execute(statement, columns[start * WIDTH:(start + size) * WIDTH])
             start += size
 
 
@@ -127,8 +137,9 @@ class StoreWriter:
         self.connection = connection
         self.statements = insert_statements(max_rows_per_statement)
 
-    def write(self, requests: Sequence[Row], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
-        """Commit the batch; the refused records are left out and reported, a transient failure writes nothing."""
+    def write(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+        """Commit the batch (`requests`: the rows' columns, row after row); the refused records are left out
+        and reported, a transient failure writes nothing."""
         try:
             try:
                 return self._transaction(lambda: self._write_all(requests, feedback, configs))
@@ -150,24 +161,25 @@ class StoreWriter:
             raise
         return outcome
 
-    def _write_all(self, requests: Sequence[Row], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+    def _write_all(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
         connection = self.connection
         outcome = Outcome(feedback=len(feedback))
         if configs:
             connection.executemany(_INSERT_CONFIG, configs)
         if requests:
             before = connection.total_changes
-            insert_requests(connection, requests, self.statements)
+            insert_columns(connection, requests, self.statements)
             outcome.inserted = connection.total_changes - before
         if feedback:
             connection.executemany(_UPSERT_FEEDBACK, feedback)
         return outcome
 
-    def _write_each(self, requests: Sequence[Row], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+    def _write_each(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
         connection = self.connection
         outcome = Outcome()
         one_row = {1: self.statements[1]}
-        for table, rows in (("configs", configs), ("requests", requests), ("feedback", feedback)):
+        request_rows = [tuple(requests[start:start + WIDTH]) for start in range(0, len(requests), WIDTH)]
+        for table, rows in (("configs", configs), ("requests", request_rows), ("feedback", feedback)):
             for row in rows:
                 connection.execute("SAVEPOINT record")
                 before = connection.total_changes
@@ -214,7 +226,7 @@ def serve(incoming: IO[bytes], outgoing: IO[bytes], writer: StoreWriter) -> int:
     while True:
         try:
             chunks, feedback, configs = read_frame(incoming)
-            requests: list[Row] = []
+            requests: list[Any] = []
             for _ in range(chunks):
                 requests.extend(read_frame(incoming))
         except EOFError:

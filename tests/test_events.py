@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer import store, store_writer
+from balancer import events, store, store_writer
 from balancer.events import EventLog
 from bench.store_insert import synthetic_rows
 
@@ -179,14 +179,59 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_recent_variants_keep_the_last_ids_only(tmp_path: Path) -> None:
+def test_recent_variants_keep_every_uncommitted_id_and_the_last_committed_ones(tmp_path: Path) -> None:
     log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, recent_ids=3)
-    rows = synthetic_rows(5)
+    rows = synthetic_rows(10)
+    for row in rows[:5]:
+        log.record_request(row)
+    # not committed yet: all known, however many (feedback must find them before the store does)
+    assert [log.recent_variant(row[0]) for row in rows[:5]] == [row[4] for row in rows[:5]]
+    log.flush()
+    assert [log.recent_variant(row[0]) for row in rows[:5]] == [row[4] for row in rows[:5]]
+    for row in rows[5:]:
+        log.record_request(row)
+    log.flush()
+    # the newer batch holds `recent_ids` committed ids, so the older one is forgotten in memory
+    assert [log.recent_variant(row[0]) for row in rows] == [None] * 5 + [row[4] for row in rows[5:]]
+    assert log.variant_of(rows[0][0]) == rows[0][4]  # found in the store
+    assert log.variant_of("never-logged") is None
+    log.close()
+
+
+def test_small_committed_batches_share_a_few_dicts(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, recent_ids=80)
+    rows = synthetic_rows(200)
     for row in rows:
         log.record_request(row)
-    assert [log.recent_variant(row[0]) for row in rows] == [None, None, rows[2][4], rows[3][4], rows[4][4]]
-    log.flush()
-    assert log.variant_of(rows[0][0]) == rows[0][4]  # forgotten in memory, found in the store
+        log.flush()  # one id per batch, as at a low request rate
+    generations = log._committed
+    assert len(generations) <= events.COMMITTED_GENERATIONS + 2
+    remembered = [row for row in rows if log.recent_variant(row[0]) is not None]
+    assert 80 <= len(remembered) <= 80 + 80 // events.COMMITTED_GENERATIONS  # about `recent_ids`, the newest
+    assert remembered == rows[-len(remembered):]
+    log.close()
+
+
+def test_ids_of_a_failed_batch_stay_known_until_it_is_committed(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, recent_ids=0)
+    rows = synthetic_rows(3)
+    log.record_request(rows[0])
+    log.flush()  # starts the writer
+    writer = log._process
+    assert writer is not None
+    writer.kill()
+    writer.wait()
+    writer.poll = lambda: None  # type: ignore[method-assign]  # dies unnoticed: the batch meets a broken pipe
+    log.record_request(rows[1])
+    log.flush()  # the batch is kept
+    assert log.last_error is not None and log.pending == 1
+    log.record_request(rows[2])
+    assert [log.recent_variant(row[0]) for row in rows[1:]] == [row[4] for row in rows[1:]]
+    log.flush()  # a new writer commits both batches
+    assert log.last_error is None and log.pending == 0 and log._process is not writer
+    # recent_ids 0: committed ids are read from the store only
+    assert [log.recent_variant(row[0]) for row in rows] == [None] * 3
+    assert [log.variant_of(row[0]) for row in rows] == [row[4] for row in rows]
     log.close()
 
 

@@ -21,7 +21,8 @@ from balancer import store, store_writer
 from bench.store_insert import synthetic_rows
 with tempfile.TemporaryDirectory() as folder:
     connection = store.connect(folder + "/outcomes.db")
-    outcome = store_writer.StoreWriter(connection).write(synthetic_rows(300), [], [])
+    columns = [column for row in synthetic_rows(300) for column in row]
+    outcome = store_writer.StoreWriter(connection).write(columns, [], [])
     stored = connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
     used = ctypes.CDLL(ctypes.util.find_library("sqlite3")).sqlite3_memory_used()
     print(configured, outcome.inserted, stored, used)
