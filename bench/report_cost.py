@@ -9,6 +9,7 @@ from bench.runs import Settings
 from bench.same_core import SameCorePair
 
 SAME_CORE_HOW = "both on one core at once, CPU per request"
+WRITER_SPARED_HOW = "the same runs, the store writer on a core of its own"
 # feature configuration label -> what it has on, in the same-core section
 FEATURES_ALONE = {"metrics off": "the outcome log alone", "outcomes off": "metrics alone"}
 

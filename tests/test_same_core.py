@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def test_same_core_pairs_give_the_logging_target_its_interval_and_paragraph(tmp_
     check = checks["throughput cost of outcome logging + metrics (both on one core at once, CPU per request)"]
     assert check.measured == pytest.approx(7.25) and check.met is True and check.established
     assert not any("back-to-back" in goal for goal in checks)
+    spared = checks["throughput cost of outcome logging + metrics (the same runs, the store writer on a core of its own)"]
+    assert spared.measured == pytest.approx(statistics.median(100 * (1 - second / 97.0) for second in
+                                                              (93.0, 92.0, 94.0, 91.0, 93.5, 92.5)))
+    assert spared.met is True
     report = render_report(results)
     assert "**Outcome logging + metrics cost 7.2 % of throughput** (target < 10 %; 90 % interval of the median" in report
     assert "so the runs agree to within 3.0 points (6.0 % to 9.0 %)" in report
