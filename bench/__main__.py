@@ -29,6 +29,7 @@ from bench.loop_stalls import WRITERS
 from bench.loop_stalls import measure as measure_stalls
 from bench.nginx import nginx_command
 from bench.perf_profile import record as record_perf
+from bench.procstat import split_cpus
 from bench.profile import record_profile
 from bench.report import BenchResults, evaluate_targets, render_report
 from bench.results_file import load as load_results
@@ -36,6 +37,7 @@ from bench.results_file import save as save_results
 from bench.runs import (
     FULL,
     QUICK,
+    FixedRateSample,
     Settings,
     interleaved,
     measure_fixed_rate,
@@ -131,6 +133,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 latency_targets, settings.rounds,
                 lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
                 pause_s=settings.pause_s, what="fixed rate")
+            fixed_rate_pinned = _measure_pinned_fixed_rate(latency_targets, settings, rates["noop"], body_file)
             load_after = load_average()
             results = BenchResults(
                 settings=settings, quick=quick, targets=saturation_targets, saturation=saturation,
@@ -138,7 +141,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 started=started, seconds=0.0,
                 commands=_commands(latency_targets, settings, rates, body_file, workdir),
                 feature_labels=[options.label for options in FEATURE_CONFIGURATIONS] + [FLOOR_LABEL],
-                same_core=same_core,
+                same_core=same_core, fixed_rate_pinned=fixed_rate_pinned,
             )
             _add_perf_profiles(results, settings, body_file, tools["wrk"], workdir)
             if profile:
@@ -173,6 +176,18 @@ def _measure_same_core(by_name: dict[str, Target], settings: Settings, body_file
         measured[label] = measure_pairs(target, lean, settings.same_core_pairs, settings=settings, body_file=body_file,
                                         wrk=wrk, seconds=settings.same_core_s)
     return measured
+
+
+def _measure_pinned_fixed_rate(latency_targets: list[Target], settings: Settings, rate: float,
+                               body_file: Path) -> dict[str, list[FixedRateSample]]:
+    """The no-op paths at the same fixed rate again, the hop on one CPU and the client and backends on the others."""
+    split = split_cpus()
+    if split is None:
+        logger.info("one CPU: no fixed-rate runs with the hop on a CPU of its own")
+        return {}
+    return interleaved([target for target in latency_targets if target.kind == "noop"], settings.rounds,
+                       lambda target: measure_fixed_rate(target, rate, settings, body_file, pinned=split),
+                       pause_s=settings.pause_s, what="fixed rate, hop on a CPU of its own")
 
 
 def _time_report(quick: bool) -> tuple[int, float]:

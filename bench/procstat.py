@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,22 @@ def pin_process(pid: int, cpus: set[int], proc: Path = Path("/proc")) -> None:
             os.sched_setaffinity(int(task.name), cpus)
         except (ProcessLookupError, FileNotFoundError):
             pass
+
+
+@contextmanager
+def pinned_apart(hop_pids: Sequence[int], other_pids: Sequence[int], hop_cpus: set[int],
+                 other_cpus: set[int]) -> Iterator[None]:
+    """`hop_pids` on `hop_cpus` and `other_pids` on `other_cpus` until the block ends, then every CPU again."""
+    everywhere = os.sched_getaffinity(0)
+    try:
+        for pid in hop_pids:
+            pin_process(pid, hop_cpus)
+        for pid in other_pids:
+            pin_process(pid, other_cpus)
+        yield
+    finally:
+        for pid in (*hop_pids, *other_pids):
+            pin_process(pid, everywhere)
 
 
 def split_cpus() -> tuple[set[int], set[int]] | None:

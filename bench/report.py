@@ -30,6 +30,7 @@ from bench.stack import (
 )
 
 KIND_TITLES = {"noop": "No-op backends", "model": "Real model servers"}
+PINNED_HOW = "the hop on a CPU of its own"
 PROFILE_PLACEHOLDER = (
     "_Not recorded in this run._ `make bench BENCH_ARGS=--profile` samples the balancer with py-spy at "
     "saturation (no-op backends) and fills this section with its top self-time frames.\n\n"
@@ -67,6 +68,8 @@ class BenchResults:
     feature_labels: list[str] = field(default_factory=list)
     # bench/same_core.py: feature configuration label -> its runs at once with outcomes and metrics off
     same_core: dict[str, list[SameCorePair]] = field(default_factory=dict)
+    # fixed-rate runs of the no-op paths with the hop's processes on one CPU, the client and backends on the other
+    fixed_rate_pinned: dict[str, list[FixedRateSample]] = field(default_factory=dict)
 
     def target(self, kind: str, hop: str, label: str = "") -> Target | None:
         """The target of `kind` and `hop` ('balancer' with a label for the feature-cost variants)."""
@@ -143,6 +146,10 @@ class BenchResults:
     def fixed_rate_busy(self, target: Target | None) -> float:
         """Median share of one core the hop's processes used at the fixed rate."""
         return self._median_fixed_rate(target, lambda sample: sample.proxy_busy)
+
+    def pinned_samples(self, target: Target | None) -> list[FixedRateSample]:
+        """The fixed-rate runs of `target` with its hop on a CPU of its own, in round order."""
+        return self.fixed_rate_pinned.get(target.name, []) if target is not None else []
 
     def fixed_rate_samples(self, target: Target | None) -> list[FixedRateSample]:
         """The target's fixed-rate runs in round order (none for a target not run)."""
@@ -263,6 +270,13 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
             Check("saturation throughput, balancer / nginx", kind,
                   _percent(results.rps(balancer), results.rps(nginx)), 50.0, "%", False, throughput_share(nginx)),
         ]
+        pinned_added = tuple(hop.p99_ms - plain.p99_ms for hop, plain in
+                             zip(results.pinned_samples(balancer), results.pinned_samples(direct), strict=False))
+        if pinned_added:
+            checks.append(Check(f"added latency p99 at half saturation, {PINNED_HOW} (balancer − direct)", kind,
+                                median([sample.p99_ms for sample in results.pinned_samples(balancer)])
+                                - median([sample.p99_ms for sample in results.pinned_samples(direct)]),
+                                5.0, "ms", True, pinned_added))
     cost = results.logging_cost()
     if results.same_core.get("default"):
         assert cost is not None
@@ -692,6 +706,35 @@ def _tail_section(results: BenchResults) -> str:
         f"runs (median; from {_number(100 * min(steal, default=float('nan')), 1)} % to "
         f"{_number(100 * max(steal, default=float('nan')), 1)} %, `steal` in `/proc/stat`): time in which every "
         "process here, client included, waited. " + steal_correlation(noop_runs) + "\n"
+        + _pinned_tail(results, (("direct", direct), ("balancer", full), (f"balancer, {FEATURE_BASELINE}", lean),
+                                 ("nginx", nginx)))
+    )
+
+
+def _pinned_tail(results: BenchResults, paths: tuple[tuple[str, Target | None], ...]) -> str:
+    """The same fixed-rate runs with the hop on a CPU of its own: how much of the tail sharing cores explains."""
+    direct = paths[0][1]
+    if not results.pinned_samples(direct):
+        return ""
+    rows = []
+    for label, target in paths:
+        samples = results.pinned_samples(target)
+        if not samples:
+            continue
+        p99 = median([sample.p99_ms for sample in samples])
+        shared = results.latency(target, "p99")
+        added = "—" if target is direct else _signed(p99 - median([sample.p99_ms for sample in results.pinned_samples(direct)]))
+        busy = "—" if target is direct else f"{_number(100 * median([sample.proxy_busy or math.nan for sample in samples]), 0)} %"
+        rows.append(f"| {label} | {_number(p99, 2)} | {added} | {_number(shared, 2)} "
+                    f"| {', '.join(_number(sample.p99_ms, 1) for sample in samples)} | {busy} |\n")
+    return (
+        f"\nThe same fixed-rate runs once more, {PINNED_HOW}: the hop's processes (the balancer and its store writer; "
+        "nginx's master and worker) pinned to one CPU, the client and the backends to the other (direct calls "
+        "leave the first idle), interleaved over the same number of rounds (`measure_fixed_rate(pinned=...)` in "
+        "`bench/runs.py`). Nothing else then competes for the hop's core, so the difference from the shared "
+        "runs is what sharing the cores with the load generator and the backends adds to the tail.\n\n"
+        "| path | p99 ms, own CPU | added p99 ms, own CPU | p99 ms, cores shared (above) | each round's p99 ms, own CPU "
+        "| busy |\n|---|---|---|---|---|---|\n" + "".join(rows)
     )
 
 

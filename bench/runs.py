@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 from bench.errors import BenchError
 from bench.procstat import (CpuUsage, ProcessTimes, busy_seconds, cpu_between, machine_times, microseconds_per_request,
-                            process_tree, snapshot, steal_share)
+                            pinned_apart, process_tree, snapshot, steal_share)
 from bench.stack import Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
 from tests.processes import REPO
@@ -230,16 +233,26 @@ def openloop_command(target: Target, rate: float, settings: Settings, body_file:
     return command
 
 
-def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_file: Path) -> FixedRateSample:
-    """Open-loop load at `rate` requests/s; latency percentiles from bench.openloop."""
+def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_file: Path, *,
+                       pinned: tuple[set[int], set[int]] | None = None) -> FixedRateSample:
+    """Open-loop load at `rate` requests/s; latency percentiles from bench.openloop.
+
+    `pinned`: (the hop's CPUs, everyone else's): the hop's processes run on the first, the client and the
+    backends on the second, for this run only (direct calls leave the first idle).
+    """
     command = openloop_command(target, rate, settings, body_file)
     limit = settings.warmup_s + settings.fixed_rate_s + 30
     proxy_pids = process_tree(target.proxy_pid) if target.proxy_pid is not None else []
-    proxy_before, machine_before, started = snapshot(proxy_pids), machine_times(), time.monotonic()
-    try:
-        completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
+    with ExitStack() as placement:
+        if pinned is not None:
+            placement.enter_context(pinned_apart(proxy_pids, target.backend_pids, *pinned))
+        proxy_before, machine_before, started = snapshot(proxy_pids), machine_times(), time.monotonic()
+        try:
+            completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False,
+                                       preexec_fn=None if pinned is None else partial(os.sched_setaffinity, 0,
+                                                                                       pinned[1]))
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
     # The client's start-up is inside this window: `python -m bench.openloop` starts an interpreter that then
     # execs the compiled client, 60-80 ms on this machine (`time`), so busy shares read about 1.5 % low.
     seconds, machine_after, proxy_after = time.monotonic() - started, machine_times(), snapshot(proxy_pids)

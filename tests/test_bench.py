@@ -43,8 +43,10 @@ from bench.procstat import (
     machine_times,
     microseconds_per_request,
     parse_stat,
+    pinned_apart,
     process_tree,
     snapshot,
+    split_cpus,
     steal_share,
 )
 from bench.loop_stalls import WRITERS, Stalls
@@ -866,3 +868,46 @@ def test_perf_samples_a_saturated_process_kernel_included(tmp_path: Path, body_f
     binaries = dict(profile.by_binary)
     assert binaries.get(KERNEL, 0) > 5 and any(binary.startswith("libpython3") for binary in binaries)
     assert 50 < sum(binaries.values()) <= 100.01 and profile.top_functions
+
+
+def test_pinned_fixed_rate_runs_give_their_own_p99_row_and_table(tmp_path: Path) -> None:
+    results = _results()
+
+    def pinned(p99s: list[float], busy_cpu_s: float | None) -> list[FixedRateSample]:
+        return [FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=0.2,
+                                p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2, dispatched=5500,
+                                seconds=10.0, steal=0.0,
+                                proxy_cpu=None if busy_cpu_s is None else CpuUsage(user_s=busy_cpu_s, system_s=0.0))
+                for p99 in p99s]
+
+    results.fixed_rate_pinned = {"noop direct": pinned([1.0, 1.5, 1.0, 2.0, 1.0], None),
+                                 "noop balancer": pinned([3.0, 4.5, 3.5, 4.0, 9.0], 6.0),
+                                 "noop nginx": pinned([2.0] * 5, 4.0)}
+    checks = {check.goal: check for check in evaluate_targets(results)}
+    pinned_p99 = checks["added latency p99 at half saturation, the hop on a CPU of its own (balancer − direct)"]
+    assert pinned_p99.measured == pytest.approx(4.0 - 1.0)  # medians of each path's rounds
+    assert pinned_p99.samples == pytest.approx((2.0, 3.0, 2.5, 2.0, 8.0))  # round by round
+    assert pinned_p99.met is True
+    report = render_report(results)
+    assert "The same fixed-rate runs once more, the hop on a CPU of its own" in report
+    assert "| balancer | 4.00 | +3.00 | 9.00 | 3.0, 4.5, 3.5, 4.0, 9.0 | 60 % |" in report
+    assert "| direct | 1.00 | — | 2.00 | 1.0, 1.5, 1.0, 2.0, 1.0 | — |" in report
+    path = tmp_path / "BENCHMARKS.json"
+    results_file.save(results, path)
+    assert render_report(results_file.load(path)) == report
+
+
+def test_a_process_pinned_apart_gets_every_cpu_back(tmp_path: Path) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    everywhere = os.sched_getaffinity(0)
+    first, second = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) for _ in range(2))
+    try:
+        hop_cpus, other_cpus = split_cpus() or (set(), set())
+        with pinned_apart([first.pid], [second.pid], hop_cpus, other_cpus):
+            assert os.sched_getaffinity(first.pid) == hop_cpus and os.sched_getaffinity(second.pid) == other_cpus
+        assert os.sched_getaffinity(first.pid) == os.sched_getaffinity(second.pid) == everywhere
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.wait()
