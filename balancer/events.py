@@ -150,7 +150,7 @@ class EventLog:
                 # half-sent, so the writer, which wrote nothing of it, is replaced; the other
                 # records go again with the next flush.
                 self._stop_writer()
-                requests = [column for row in self._drop_unsendable("requests", _rows(requests)) for column in row]
+                requests = [column for row in self._drop_unsendable("requests", store_writer.request_rows(requests)) for column in row]
                 feedback, configs = (self._drop_unsendable(table, rows) for table, rows in
                                      (("feedback", feedback), ("configs", configs)))
                 error = "a record could not be sent to the store writer"
@@ -284,11 +284,6 @@ class EventLog:
     def pending(self) -> int:
         """Records buffered but not yet committed."""
         return len(self._requests) // REQUEST_WIDTH + len(self._feedback)
-
-
-def _rows(columns: list[Any]) -> list[tuple[Any, ...]]:
-    """A flat list of request columns as rows."""
-    return [tuple(columns[start:start + REQUEST_WIDTH]) for start in range(0, len(columns), REQUEST_WIDTH)]
 
 
 def _close_quietly(stream: IO[bytes] | None) -> None:

@@ -101,6 +101,11 @@ def insert_requests(connection: sqlite3.Connection, rows: Sequence[Row], stateme
     insert_columns(connection, list(chain.from_iterable(rows)), statements)
 
 
+def request_rows(columns: Sequence[Any]) -> list[Row]:
+    """A flat list of request columns, row after row, as rows."""
+    return [tuple(columns[start:start + WIDTH]) for start in range(0, len(columns), WIDTH)]
+
+
 def insert_columns(connection: sqlite3.Connection, columns: list[Any], statements: dict[int, str] = _DEFAULT_INSERTS) -> None:
     """Insert request rows given as one flat list of their columns, row after row (its Nones become 0: see above)."""
     if len(columns) % WIDTH:
@@ -178,8 +183,7 @@ class StoreWriter:
         connection = self.connection
         outcome = Outcome()
         one_row = {1: self.statements[1]}
-        request_rows = [tuple(requests[start:start + WIDTH]) for start in range(0, len(requests), WIDTH)]
-        for table, rows in (("configs", configs), ("requests", request_rows), ("feedback", feedback)):
+        for table, rows in (("configs", configs), ("requests", request_rows(requests)), ("feedback", feedback)):
             for row in rows:
                 connection.execute("SAVEPOINT record")
                 before = connection.total_changes

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.procstat import pin_process, split_cpus
+from bench.procstat import pinned_apart, split_cpus
 from bench.runs import Settings
 from bench.stack import Target
 from bench.wrk import run_wrk, wrk_command, wrk_environment
@@ -98,20 +98,12 @@ def record_profile(target: Target, settings: Settings, body_file: Path, *, wrk: 
     """
     assert target.proxy_pid is not None
     split = split_cpus()
-    everywhere = os.sched_getaffinity(0)
-    if split is not None:
-        pin_process(target.proxy_pid, split[0])
-        for pid in target.backend_pids:
-            pin_process(pid, split[1])
     pinning = ("not pinned (one CPU)" if split is None else
                f"balancer pinned to CPU {_cpu_list(split[0])}, wrk and the backends to CPU {_cpu_list(split[1])}")
-    try:
+    with nullcontext() if split is None else pinned_apart([target.proxy_pid], target.backend_pids, *split):
         profile = _sample(target, settings, body_file, wrk=wrk, workdir=workdir, seconds=seconds,
                           wrk_cpus=None if split is None else split[1])
-        return replace(profile, pinning=pinning)
-    finally:
-        for pid in (target.proxy_pid, *target.backend_pids):
-            pin_process(pid, everywhere)
+    return replace(profile, pinning=pinning)
 
 
 def _cpu_list(cpus: set[int]) -> str:

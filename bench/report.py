@@ -151,6 +151,10 @@ class BenchResults:
         """The fixed-rate runs of `target` with its hop on a CPU of its own, in round order."""
         return self.fixed_rate_pinned.get(target.name, []) if target is not None else []
 
+    def pinned_p99(self, target: Target | None) -> float:
+        """Median p99 ms of the target's fixed-rate runs with its hop on a CPU of its own."""
+        return median([sample.p99_ms for sample in self.pinned_samples(target)])
+
     def fixed_rate_samples(self, target: Target | None) -> list[FixedRateSample]:
         """The target's fixed-rate runs in round order (none for a target not run)."""
         return self.fixed_rate.get(target.name, []) if target is not None else []
@@ -274,9 +278,8 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
                              zip(results.pinned_samples(balancer), results.pinned_samples(direct), strict=False))
         if pinned_added:
             checks.append(Check(f"added latency p99 at half saturation, {PINNED_HOW} (balancer − direct)", kind,
-                                median([sample.p99_ms for sample in results.pinned_samples(balancer)])
-                                - median([sample.p99_ms for sample in results.pinned_samples(direct)]),
-                                5.0, "ms", True, pinned_added))
+                                results.pinned_p99(balancer) - results.pinned_p99(direct), 5.0, "ms", True,
+                                pinned_added))
     cost = results.logging_cost()
     if results.same_core.get("default"):
         assert cost is not None
@@ -721,12 +724,12 @@ def _pinned_tail(results: BenchResults, paths: tuple[tuple[str, Target | None], 
         samples = results.pinned_samples(target)
         if not samples:
             continue
-        p99 = median([sample.p99_ms for sample in samples])
-        shared = results.latency(target, "p99")
-        added = "—" if target is direct else _signed(p99 - median([sample.p99_ms for sample in results.pinned_samples(direct)]))
-        busy = "—" if target is direct else f"{_number(100 * median([sample.proxy_busy or math.nan for sample in samples]), 0)} %"
-        rows.append(f"| {label} | {_number(p99, 2)} | {added} | {_number(shared, 2)} "
-                    f"| {', '.join(_number(sample.p99_ms, 1) for sample in samples)} | {busy} |\n")
+        p99 = results.pinned_p99(target)
+        added = "—" if target is direct else _signed(p99 - results.pinned_p99(direct))
+        busy = median([sample.proxy_busy or math.nan for sample in samples])
+        busy_text = "—" if target is direct else f"{_number(100 * busy, 0)} %"
+        rows.append(f"| {label} | {_number(p99, 2)} | {added} | {_number(results.latency(target, 'p99'), 2)} "
+                    f"| {', '.join(_number(sample.p99_ms, 1) for sample in samples)} | {busy_text} |\n")
     return (
         f"\nThe same fixed-rate runs once more, {PINNED_HOW}: the hop's processes (the balancer and its store writer; "
         "nginx's master and worker) pinned to one CPU, the client and the backends to the other (direct calls "

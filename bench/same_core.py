@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import tempfile
 import threading
@@ -28,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.procstat import cpu_between, microseconds_per_request, pin_process, process_tree, snapshot, split_cpus
+from bench.procstat import cpu_between, microseconds_per_request, pinned_apart, process_tree, snapshot, split_cpus
 from bench.runs import FULL, Settings
 from bench.stack import FEATURE_BASELINE, BalancerOptions, Stack, Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
@@ -88,12 +87,9 @@ def measure_pairs(first: Target, second: Target, pairs: int, *, settings: Settin
     if split is None:
         raise BenchError("a same-core comparison needs two CPUs: one for both balancers, one for the load")
     hop_cpus, load_cpus = split
-    everywhere = os.sched_getaffinity(0)
     backends = sorted(set(first.backend_pids) | set(second.backend_pids))
     measured = []
-    try:
-        for pid in backends:
-            pin_process(pid, load_cpus)
+    with pinned_apart([], backends, hop_cpus, load_cpus):
         for index in range(pairs):
             order = (first, second) if index % 2 == 0 else (second, first)
             shares, busy = _run_together(order, settings=settings, body_file=body_file, wrk=wrk, seconds=seconds,
@@ -103,12 +99,6 @@ def measure_pairs(first: Target, second: Target, pairs: int, *, settings: Settin
                         index + 1, pairs, first.name, pair.first.us_per_request, second.name,
                         pair.second.us_per_request, 100 * pair.cost, 100 * busy)
             measured.append(pair)
-    finally:
-        for target in (first, second):
-            for pid in _tree(target):
-                pin_process(pid, everywhere)
-        for pid in backends:
-            pin_process(pid, everywhere)
     return measured
 
 
@@ -122,9 +112,15 @@ def _run_together(order: Sequence[Target], *, settings: Settings, body_file: Pat
                   hop_cpus: set[int], load_cpus: set[int]) -> tuple[dict[str, CoreShare], float]:
     """One wrk per target, started in `order` and run at once; each tree's CPU over the same interval."""
     trees = {target.name: _tree(target) for target in order}  # again every run: a restarted writer is a new pid
-    for tree in trees.values():
-        for pid in tree:
-            pin_process(pid, hop_cpus)
+    with pinned_apart([pid for tree in trees.values() for pid in tree], [], hop_cpus, load_cpus):
+        shares, busy = _load_together(order, trees, settings=settings, body_file=body_file, wrk=wrk, seconds=seconds,
+                                      load_cpus=load_cpus)
+    return shares, busy
+
+
+def _load_together(order: Sequence[Target], trees: dict[str, list[int]], *, settings: Settings, body_file: Path,
+                   wrk: str, seconds: float, load_cpus: set[int]) -> tuple[dict[str, CoreShare], float]:
+    """Run one wrk per target at once and read each process tree's CPU over the same interval."""
     connections = max(1, settings.connections // len(order))
     results: dict[str, WrkResult] = {}
     failures: list[BaseException] = []
