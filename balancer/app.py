@@ -119,7 +119,15 @@ class Balancer:
         self.session = aiohttp.ClientSession()
         self.registry.start(self.session)
         self.runtime.watch()
+        try:
+            await self.listen()
+        except BaseException:
+            await self.stop()  # a port in use: close the session, the health checks and the store cleanly
+            raise
 
+    async def listen(self) -> None:
+        """Open the public and the admin ports."""
+        settings = self.settings
         self.public_server = HttpServer(
             self.proxy, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.client_body_timeout_s,
             keepalive_timeout_s=settings.client_keepalive_timeout_s,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,11 +18,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+_handed_out: set[int] = set()
+_ports = random.Random()
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port nobody listens on right now, never handed out before by this process.
+
+    Ports come from below the kernel's ephemeral range: bind-to-0 would draw from that
+    range, where any outgoing connection (a client's, a balancer's upstream pool) can take
+    the port between this probe and the server's bind, and two calls may return the same port.
+    """
+    low, _ = ephemeral_range()
+    for _ in range(1000):
+        port = _ports.randrange(max(1024, low - 12000), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port below {low}")
 
 
 def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -50,10 +79,21 @@ def running(args: list[str], ready_url: str, *, log: Path, env: dict[str, str] |
             env={**os.environ, **(env or {})},
         )
     try:
-        wait_http(ready_url, timeout, process)
+        try:
+            wait_http(ready_url, timeout, process)
+        except (RuntimeError, TimeoutError) as error:
+            raise RuntimeError(f"{error}; the end of {log}:\n{log_tail(log)}") from None
         yield process
     finally:
         stop(process)
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a process's log, for a failure message."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"(unreadable: {error})"
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:

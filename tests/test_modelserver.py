@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from modelserver.artifact import (
 from modelserver.server import EXECUTOR_MIN_ROWS, create_app
 from modelserver.spec import ModelSpec
 from modelserver.train import DEFAULT_SEED, HOLDOUT_FILE, load_split, train_all, train_model
+from tests.processes import free_port
 from modelserver.validation import parse_instances
 
 SPECS: Final[tuple[ModelSpec, ...]] = (model_a, model_b)
@@ -89,13 +89,6 @@ def metric_value(text: str, sample_name: str, labels: Mapping[str, str]) -> floa
             if sample.name == sample_name and all(sample.labels.get(key) == value for key, value in labels.items()):
                 return float(sample.value)
     return 0.0
-
-
-def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # Training and artifacts

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -18,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binomtest
 
-from tests.processes import artifacts_dir, free_port, running, write_experiment
+from tests.processes import REPO, artifacts_dir, free_port, running, write_experiment
 
 
 @dataclass(frozen=True)
@@ -210,3 +213,21 @@ async def test_healthz_says_how_the_request_path_and_the_outcome_log_run(stack: 
     assert health["request_path"] == native.decide(native.PACKAGE_DIR, os.environ)[1]
     assert health["rejected_records"] == 0 and health["store_writer_restarts"] == 0 and health["store_error"] is None
     assert isinstance(health["pending_records"], int)
+
+
+def test_a_port_in_use_exits_1_naming_it_and_closes_cleanly(tmp_path: Path) -> None:
+    """A taken port: exit code 1, the address in the message, the session and the store closed."""
+    config = write_experiment(tmp_path / "exp.yaml", ports={"model_a": [free_port()], "model_b": [free_port()]})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "balancer", "serve", "--config", str(config), "--port", str(free_port()),
+             "--admin-port", str(port), "--store", str(tmp_path / "outcomes.db")],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot start: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port})" in done.stderr
+    assert "Unclosed" not in done.stderr, done.stderr
+    assert "stopped; 0 request records" in done.stderr
