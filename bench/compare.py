@@ -1,6 +1,7 @@
 """Saturation throughput of this checkout's balancer against another commit's, in back-to-back pairs.
 
-    python -m bench.compare --base 2b94d0d [--method same-core|back-to-back] [--pairs 8] [--seconds 4]
+    python -m bench.compare --base 2b94d0d [--method same-core|back-to-back|latency] [--pairs 8] [--seconds 4]
+                            [--rate 12000]
 
 Does a change help? `make bench` measures one tree; its figures move by tens of per cent
 between runs on a shared machine, more than most changes are worth. This checks `--base` out
@@ -14,8 +15,12 @@ of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, 
   difference of a few per cent shows.
 - `back-to-back`: wrk at saturation against each in turn, seconds apart, alternating which goes
   first; each pair's throughput ratio. Closer to how the balancer is used, but noisier.
+- `latency`: the tail instead of throughput. Fixed-rate runs (`bench.openloop` at `--rate`)
+  against each in turn, alternating which goes first, with the balancer under test (store writer
+  included) pinned to one CPU and the client and backends to the others, as `make bench`'s
+  "hop on a CPU of its own" runs; each pair's p99 difference, this tree's minus base's.
 
-The median ratio over the pairs is the answer.
+The median over the pairs is the answer.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from pathlib import Path
 from balancer import native
 from bench.errors import BenchError
 from bench.report import CONFIDENCE, median_interval
-from bench.runs import FULL, measure_saturation, paired_samples, throughput_ratio
+from bench.procstat import split_cpus
+from bench.runs import (FULL, FixedRateSample, measure_fixed_rate, measure_saturation, paired_samples,
+                        throughput_ratio)
 from bench.same_core import measure_pairs
 from bench.stack import BalancerOptions, Stack
 from bench.tools import ensure_tools
@@ -65,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the commit to compare against (anything git rev-parse takes)")
-    parser.add_argument("--method", choices=("same-core", "back-to-back"), default="same-core")
+    parser.add_argument("--method", choices=("same-core", "back-to-back", "latency"), default="same-core")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each run")
+    parser.add_argument("--rate", type=float, default=12000.0, help="requests/s of the latency method's runs")
     args = parser.parse_args(argv)
-    if args.pairs < 1 or args.seconds <= 0:
-        parser.error("--pairs must be at least 1 and --seconds above 0")
+    if args.pairs < 1 or args.seconds <= 0 or args.rate <= 0:
+        parser.error("--pairs must be at least 1, --seconds and --rate above 0")
+    split = split_cpus()
+    if args.method == "latency" and split is None:
+        parser.error("--method latency needs two CPUs or more: one for the hop, the others for the client")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tools = ensure_tools()
     settings = replace(FULL, saturation_s=args.seconds)
@@ -93,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                     # this tree's throughput over base's on a saturated core: base's CPU per request over this one's
                     ratios = [pair.second.us_per_request / pair.first.us_per_request
                               for pair in together(args.pairs, seconds=args.seconds)]
+                elif args.method == "latency":
+                    fixed = partial(measure_fixed_rate, rate=args.rate, body_file=body_file, pinned=split,
+                                    settings=replace(settings, fixed_rate_s=args.seconds))
+                    for target in (this, other):  # connection pools and caches filled; not measured
+                        fixed(target)
+                    latency_pairs = paired_samples(this, other, args.pairs, fixed, pause_s=settings.pause_s)
                 else:
                     saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
                     for target in (this, other):  # connection pools and caches filled; not measured
@@ -104,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     tree = f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}) / {args.base}"
     if args.method == "same-core":
         print(f"{tree}, both on one core (base's CPU per request ÷ this tree's): " + summarize(ratios, args.seconds))
+        return 0
+    if args.method == "latency":
+        print(f"{tree}, p99 at {args.rate:g} req/s, the hop on a CPU of its own: "
+              + summarize_latency(latency_pairs, args.seconds))
         return 0
     print(f"{tree}: " + summarize([throughput_ratio(pair) for pair in pairs], args.seconds))
     print("the same, steal-adjusted (requests/s ÷ (1 − steal) per run): "
@@ -123,6 +144,25 @@ def summarize(ratios: list[float], seconds: float) -> str:
     finding = ("this tree is faster" if low > 1 else "this tree is slower" if high < 1
                else "no difference established")
     return text + f"; {100 * CONFIDENCE:.0f} % interval of the median {low:.3f} to {high:.3f}: {finding}"
+
+
+def summarize_latency(pairs: list[tuple[FixedRateSample, FixedRateSample]], seconds: float) -> str:
+    """The pairs' p99s, their median difference (this tree's minus base's) and, from 5 pairs on, its interval."""
+    differences = [this.p99_ms - base.p99_ms for this, base in pairs]
+    ordered = sorted(differences)
+    errors = sum(this.errors + base.errors for this, base in pairs)
+    text = (f"median p99 {statistics.median(this.p99_ms for this, _ in pairs):.2f} ms against "
+            f"{statistics.median(base.p99_ms for _, base in pairs):.2f} ms; median difference "
+            f"{statistics.median(differences):+.2f} ms over {len(pairs)} pairs of {seconds:g} s "
+            f"(range {ordered[0]:+.2f} to {ordered[-1]:+.2f} ms; below 0 means this tree's tail is shorter; "
+            f"{errors} errors)")
+    interval = median_interval(differences)
+    if interval is None:
+        return text + "; too few pairs for an interval (5 or more)"
+    low, high = interval
+    finding = ("this tree's tail is shorter" if high < 0 else "this tree's tail is longer" if low > 0
+               else "no difference established")
+    return text + f"; {100 * CONFIDENCE:.0f} % interval of the median {low:+.2f} to {high:+.2f} ms: {finding}"
 
 
 if __name__ == "__main__":

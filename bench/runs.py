@@ -51,9 +51,9 @@ FULL = Settings(rounds=5, saturation_s=4, fixed_rate_s=4, warmup_s=0.5)
 QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5, cost_pairs=2, same_core_pairs=2)
 
 
-def paired_samples(first: Target, second: Target, pairs: int, measure: Callable[[Target], SaturationSample], *,
-                   pause_s: float) -> list[tuple[SaturationSample, SaturationSample]]:
-    """`first`'s and `second`'s saturation runs, measured back to back `pairs` times (alternating which goes first).
+def paired_samples(first: Target, second: Target, pairs: int, measure: Callable[[Target], Sample], *,
+                   pause_s: float) -> list[tuple[Sample, Sample]]:
+    """`first`'s and `second`'s runs, measured back to back `pairs` times (alternating which goes first).
 
     Rounds of every configuration take about a minute each, and the machine's speed drifts in
     that time; a pair measured seconds apart shares its conditions, so the ratio within a pair
@@ -67,8 +67,8 @@ def paired_samples(first: Target, second: Target, pairs: int, measure: Callable[
             samples[target.name] = measure(target)
             time.sleep(pause_s)
         pair = samples[first.name], samples[second.name]
-        logger.info("pair %d/%d: %s / %s = %.3f (steal %.1f %% / %.1f %%)", index + 1, pairs, first.name, second.name,
-                    throughput_ratio(pair), 100 * pair[0].steal, 100 * pair[1].steal)
+        logger.info("pair %d/%d: %s %s | %s %s", index + 1, pairs, first.name, describe(pair[0]), second.name,
+                    describe(pair[1]))
         measured.append(pair)
     return measured
 

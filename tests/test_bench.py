@@ -806,6 +806,25 @@ def test_compare_states_an_interval_and_what_it_establishes() -> None:
     assert compare.summarize([1.1, 1.2], 4.0).endswith("too few pairs for an interval (5 or more)")
 
 
+def test_the_latency_comparison_states_the_p99_difference_and_what_it_establishes() -> None:
+    from bench import compare
+
+    def sample(p99_ms: float, errors: int = 0) -> FixedRateSample:
+        return FixedRateSample(rate=500, achieved_rps=500, completed=2000, errors=errors, queued=0, p50_ms=0.3,
+                               p99_ms=p99_ms, p999_ms=p99_ms * 2, late_ms_p99=0.1, client_cpu_s=0.1)
+
+    shorter = compare.summarize_latency([(sample(this), sample(base)) for this, base in
+                                         ((4.0, 9.0), (5.0, 8.0), (3.5, 8.5), (4.5, 12.0), (6.0, 7.0))], 4.0)
+    assert shorter.startswith("median p99 4.50 ms against 8.50 ms; median difference -5.00 ms over 5 pairs of 4 s "
+                              "(range -7.50 to -1.00 ms")
+    assert shorter.endswith("90 % interval of the median -7.50 to -1.00 ms: this tree's tail is shorter")
+    longer = compare.summarize_latency([(sample(9.0, errors=1), sample(4.0))] * 5, 4.0)
+    assert "5 errors" in longer and longer.endswith("this tree's tail is longer")
+    mixed = [(sample(5.0), sample(4.0)), (sample(4.0), sample(5.0))] * 3
+    assert compare.summarize_latency(mixed, 4.0).endswith("no difference established")
+    assert compare.summarize_latency(mixed[:2], 4.0).endswith("too few pairs for an interval (5 or more)")
+
+
 PERF_BY_BINARY = """\
 # Total Lost Samples: 0
 #
