@@ -1,7 +1,7 @@
 """Saturation throughput of this checkout's balancer against another commit's, in back-to-back pairs.
 
     python -m bench.compare --base 2b94d0d [--method same-core|back-to-back|latency] [--pairs 8] [--seconds 4]
-                            [--rate 12000]
+                            [--rate 12000] [--cores pinned|shared] [--configuration default]
 
 Does a change help? `make bench` measures one tree; its figures move by tens of per cent
 between runs on a shared machine, more than most changes are worth. This checks `--base` out
@@ -18,7 +18,11 @@ of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, 
 - `latency`: the tail instead of throughput. Fixed-rate runs (`bench.openloop` at `--rate`)
   against each in turn, alternating which goes first, with the balancer under test (store writer
   included) pinned to one CPU and the client and backends to the others, as `make bench`'s
-  "hop on a CPU of its own" runs; each pair's p99 difference, this tree's minus base's.
+  "hop on a CPU of its own" runs (`--cores shared`: no pinning, everything shares every CPU, as
+  `make bench`'s main fixed-rate runs); each pair's p99 difference, this tree's minus base's.
+
+`--configuration` runs this tree's balancer with features off (as `bench.same_core` names them),
+against base's default: `--base HEAD --configuration outcomes-off` measures what the outcome log costs.
 
 The median over the pairs is the answer.
 """
@@ -42,7 +46,7 @@ from bench.report import CONFIDENCE, median_interval
 from bench.procstat import split_cpus
 from bench.runs import (FULL, FixedRateSample, measure_fixed_rate, measure_saturation, paired_samples,
                         throughput_ratio)
-from bench.same_core import measure_pairs
+from bench.same_core import CONFIGURATIONS, measure_pairs
 from bench.stack import BalancerOptions, Stack
 from bench.tools import ensure_tools
 from tests.processes import REPO, artifacts_dir
@@ -76,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each run")
     parser.add_argument("--rate", type=float, default=12000.0, help="requests/s of the latency method's runs")
+    parser.add_argument("--cores", choices=("pinned", "shared"), default="pinned",
+                        help="latency method: the hop on a CPU of its own, or every process on every CPU")
+    parser.add_argument("--configuration", choices=tuple(CONFIGURATIONS), default="default",
+                        help="this tree's balancer configuration (base's is the default)")
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.seconds <= 0 or args.rate <= 0:
         parser.error("--pairs must be at least 1, --seconds and --rate above 0")
-    split = split_cpus()
-    if args.method == "latency" and split is None:
+    split = split_cpus() if args.cores == "pinned" else None
+    if args.method == "latency" and args.cores == "pinned" and split is None:
         parser.error("--method latency needs two CPUs or more: one for the hop, the others for the client")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tools = ensure_tools()
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 body_file = folder / "body.json"
                 body_file.write_bytes(stack.body)
                 upstreams, backend_pids = stack.backends("noop")
-                this = stack.balancer("noop", BalancerOptions("default"), upstreams, backend_pids)
+                this = stack.balancer("noop", CONFIGURATIONS[args.configuration], upstreams, backend_pids)
                 other = stack.balancer("noop", BalancerOptions(BASE_LABEL), upstreams, backend_pids, source=base)
                 stack.ready()
                 if args.method == "same-core":
@@ -118,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder / "base")],
                            capture_output=True, check=False)
-    tree = f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}) / {args.base}"
+    tree = (f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}, {args.configuration}) / "
+            f"{args.base} (default)")
     if args.method == "same-core":
         print(f"{tree}, both on one core (base's CPU per request ÷ this tree's): " + summarize(ratios, args.seconds))
         return 0
     if args.method == "latency":
-        print(f"{tree}, p99 at {args.rate:g} req/s, the hop on a CPU of its own: "
+        cores = "the hop on a CPU of its own" if split else "every process on every CPU"
+        print(f"{tree}, p99 at {args.rate:g} req/s, {cores}: "
               + summarize_latency(latency_pairs, args.seconds))
         return 0
     print(f"{tree}: " + summarize([throughput_ratio(pair) for pair in pairs], args.seconds))
