@@ -78,6 +78,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok", "version": runtime.active.version, "pending_records": events.pending,
         "rejected_records": events.rejected_records, "store_writer_restarts": events.writer_restarts,
+        "store_writer_priority": events.running_priority, "store_writer_escalations": events.writer_escalations,
         "store_error": events.last_error,
         "event_loop": "uvloop" if loop_module.startswith("uvloop") else "asyncio", "request_path": native.MODE,
     })

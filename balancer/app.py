@@ -79,13 +79,13 @@ class Core:
 
 
 async def assemble(config: Path, loaded: LoadedConfig, store: str | Path, *, flush_interval_s: float,
-                   recent_ids: int = 200_000) -> Core:
+                   recent_ids: int = 200_000, writer_priority: str = "idle") -> Core:
     """Open the outcome log, apply `loaded` (read from `config`) and build the proxy over them.
 
     Health checks and the file watch are not started: `Balancer.start` adds them; tests and
     `bench.instructions` run the parts without them.
     """
-    events = EventLog(store, flush_interval_s=flush_interval_s, recent_ids=recent_ids)
+    events = EventLog(store, flush_interval_s=flush_interval_s, recent_ids=recent_ids, writer_priority=writer_priority)
     metrics = BalancerMetrics()
     registry = UpstreamRegistry(loaded.experiment.upstream)
     runtime = Runtime(config, events, metrics, registry)
@@ -113,7 +113,8 @@ class Balancer:
         """Open the store, apply the config, start listening."""
         settings = self.settings
         core = await assemble(self.options.config, self.loaded, settings.store,
-                              flush_interval_s=settings.flush_interval_s, recent_ids=settings.recent_request_ids)
+                              flush_interval_s=settings.flush_interval_s, recent_ids=settings.recent_request_ids,
+                              writer_priority=settings.store_writer_priority)
         self.events, self.metrics, self.registry = core.events, core.metrics, core.registry
         self.runtime, self.proxy = core.runtime, core.proxy
         self.session = aiohttp.ClientSession()

@@ -94,6 +94,10 @@ class ServerSettings(_Frozen):
     # Committed request ids remembered in memory (~160 bytes each) so feedback joins without reading the
     # store; ids not committed yet are always remembered.
     recent_request_ids: Annotated[int, Field(ge=0, le=10_000_000)] = 200_000
+    # The store writer process's CPU priority: "idle" runs it in the time the CPUs would otherwise idle
+    # (preempted the moment a request needs the CPU; raised for a while if a batch then takes too long),
+    # "normal" at niceness 10 only.
+    store_writer_priority: Literal["idle", "normal"] = "idle"
     max_in_flight: Annotated[int, Field(ge=1)] = 1024
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
     # A client that sent its headers has this long to send the rest of its body (408 after).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import marshal
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,11 @@ REQUEST_WIDTH = len(store.REQUEST_COLUMNS)
 WRITER_STOP_TIMEOUT_S = 30.0
 # Committed request ids are remembered in about this many dicts (see EventLog.__init__).
 COMMITTED_GENERATIONS = 8
+# A writer at "idle" priority that has not committed a batch this long after it was sent (or the
+# flush interval, if longer) is starved: the machine has no idle CPU time. It is killed, and the
+# batch goes at once to a writer at "normal" priority; after WRITER_NORMAL_FOR_S, "idle" again.
+WRITER_STARVED_S = 1.0
+WRITER_NORMAL_FOR_S = 60.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -46,9 +52,20 @@ class EventLog:
     """Buffers request and feedback records; a sender thread hands them to the store's writer process."""
 
     def __init__(self, path: str | Path, *, flush_interval_s: float = 0.2, recent_ids: int = 200_000,
-                 max_rows_per_statement: int = store_writer.MAX_ROWS_PER_STATEMENT) -> None:
+                 max_rows_per_statement: int = store_writer.MAX_ROWS_PER_STATEMENT, writer_priority: str = "idle",
+                 writer_starved_s: float | None = None, writer_normal_for_s: float = WRITER_NORMAL_FOR_S) -> None:
+        if writer_priority not in store_writer.PRIORITIES:
+            raise ValueError(f"writer_priority must be one of {store_writer.PRIORITIES}, got {writer_priority!r}")
         self.path = Path(path)
         self.flush_interval_s = flush_interval_s
+        self.writer_priority = writer_priority  # as configured; `running_priority` is the writer's now
+        self.running_priority: str | None = None
+        self._writer_starved_s = max(WRITER_STARVED_S, flush_interval_s) if writer_starved_s is None else writer_starved_s
+        self._writer_normal_for_s = writer_normal_for_s
+        self._normal_until = -math.inf  # monotonic time until which the writer runs at "normal"
+        self.writer_escalations = 0
+        self._in_exchange = 0  # records of the batch the writer has not answered yet
+        self._starved_process: subprocess.Popen[bytes] | None = None  # the writer the watchdog killed
         store_writer.insert_statements(max_rows_per_statement)  # a bad size fails here, not in the writer
         self._max_rows_per_statement = max_rows_per_statement
         self._reader = store.connect(self.path)  # creates the schema: a store that cannot be opened fails here
@@ -143,8 +160,14 @@ class EventLog:
             if not (requests or feedback or configs):
                 self._report_rejected(refused)
                 return
+            self._in_exchange = len(requests) // REQUEST_WIDTH + len(feedback)
             try:
-                inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
+                try:
+                    inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
+                except WriterGone:
+                    if not self._escalated():
+                        raise
+                    inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
             except ValueError:
                 # A record marshal cannot carry (not a plain str/int/float/None): the batch stopped
                 # half-sent, so the writer, which wrote nothing of it, is replaced; the other
@@ -157,6 +180,8 @@ class EventLog:
             except (WriterGone, OSError) as exc:
                 error = f"the store writer failed: {exc}"
                 self._stop_writer()
+            finally:
+                self._in_exchange = 0
             if error is not None:
                 # Keep the batch for the next attempt rather than lose it.
                 self._report_rejected(refused)
@@ -175,6 +200,24 @@ class EventLog:
             self.last_error = None
             self._remember_committed()
             self._report_rejected(refused + rejected)
+
+    def _starved(self, process: subprocess.Popen[bytes]) -> None:
+        """The watchdog of an exchange with a writer at "idle": no answer in time, so it is killed (its
+        transaction rolls back; the batch goes again to a writer at "normal")."""
+        self._starved_process = process
+        process.kill()
+
+    def _escalated(self) -> bool:
+        """After a writer ended mid-exchange: if the watchdog killed it, run the next at "normal" for a while."""
+        if self._process is None or self._process is not self._starved_process:
+            return False
+        self.writer_escalations += 1
+        self._normal_until = time.monotonic() + self._writer_normal_for_s
+        logger.warning("the store writer at idle priority did not commit %d records within %gs: no CPU to spare; "
+                       "running it at normal priority for %gs", self._in_exchange, self._writer_starved_s,
+                       self._writer_normal_for_s)
+        self._stop_writer()
+        return True
 
     def _report_rejected(self, rejected: list[tuple[str, str, str]]) -> None:
         """Log and count records the store refused (table, record, reason); they are not retried."""
@@ -218,6 +261,12 @@ class EventLog:
         assert process.stdin is not None and process.stdout is not None
         frame = ROWS_PER_FRAME * REQUEST_WIDTH
         chunks = range(0, len(requests), frame)
+        # A starved writer blocks the pipe's writes as well as its answer: the watchdog covers both.
+        watchdog = None
+        if self.running_priority == "idle":
+            watchdog = threading.Timer(self._writer_starved_s, self._starved, args=(process,))
+            watchdog.daemon = True
+            watchdog.start()
         try:
             store_writer.write_frame(process.stdin, (len(chunks), feedback, configs))
             for start in chunks:
@@ -226,13 +275,22 @@ class EventLog:
             inserted, written_feedback, rejected, error = store_writer.read_frame(process.stdout)
         except (BrokenPipeError, EOFError) as exc:
             raise WriterGone(f"{exc} (exit status {process.poll()})") from exc
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         return inserted, written_feedback, rejected, error
 
+    def _wanted_priority(self) -> str:
+        return "normal" if self.writer_priority == "normal" or time.monotonic() < self._normal_until else "idle"
+
     def _writer_process(self) -> subprocess.Popen[bytes]:
-        """The running writer, started (again) if needed."""
+        """The running writer, started (again) if needed, or at another priority."""
+        priority = self._wanted_priority()
         if self._process is not None and self._process.poll() is None:
-            return self._process
-        if self._process is not None:
+            if priority == self.running_priority:
+                return self._process
+            self._stop_writer()  # back to "idle" after a while at "normal": only a new process can go up again
+        if self._process is not None and self._process is not self._starved_process:
             self.writer_restarts += 1
             logger.warning("the store writer for %s ended (exit status %s); starting another",
                            self.path, self._process.returncode)
@@ -241,14 +299,16 @@ class EventLog:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, environment.get("PYTHONPATH")]))
         self._process = subprocess.Popen(
             [sys.executable, "-m", "balancer.store_writer", "--store", str(self.path),
-             "--max-rows-per-statement", str(self._max_rows_per_statement)],
+             "--max-rows-per-statement", str(self._max_rows_per_statement), "--priority", priority],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
         )
+        self.running_priority = priority
         return self._process
 
     def _stop_writer(self) -> None:
         """Close the writer's pipes and reap it (it exits once its stdin ends)."""
         process, self._process = self._process, None
+        self.running_priority = None
         if process is None:
             return
         for stream in (process.stdin, process.stdout):
@@ -282,8 +342,8 @@ class EventLog:
 
     @property
     def pending(self) -> int:
-        """Records buffered but not yet committed."""
-        return len(self._requests) // REQUEST_WIDTH + len(self._feedback)
+        """Records buffered or being written, not yet committed."""
+        return len(self._requests) // REQUEST_WIDTH + len(self._feedback) + self._in_exchange
 
 
 def _close_quietly(stream: IO[bytes] | None) -> None:

@@ -71,10 +71,15 @@ _INSERT_CONFIG = (
     "INSERT OR REPLACE INTO configs (version, hash, ts, experiment, status, control, weights, body) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# The writer's work can wait a few milliseconds and the balancer's cannot: at this niceness the
-# scheduler gives a busy core to the event loop first (CFS weight 110 against 1,024), while the
-# writer still gets a tenth of a contended core, several times what it needs at saturation.
+# The writer's work can wait and the balancer's cannot. At this niceness the writer weighs 110
+# against the balancer's 1,024, but a woken event loop may still wait for the writer's slice to
+# end (4 ms here: `python -m bench.compare --method latency` showed it in the balancer's p99).
 NICENESS = 10
+# "idle": SCHED_IDLE as well, where the OS has it. The kernel then preempts the writer the moment
+# any other task wakes, and runs it in the time the CPUs would otherwise idle. A machine with no
+# idle time could starve it: `EventLog` restarts it at "normal" (NICENESS only) for a while when a
+# batch takes too long.
+PRIORITIES = ("idle", "normal")
 # Errors that say nothing about the records (busy, locked, disk full, I/O): retry the whole batch later.
 TRANSIENT_ERRORS = (sqlite3.OperationalError,)
 
@@ -240,19 +245,27 @@ def serve(incoming: IO[bytes], outgoing: IO[bytes], writer: StoreWriter) -> int:
         batches += 1
 
 
+def lower_priority(priority: str) -> None:
+    """Run this process at `priority` (one of PRIORITIES), below the balancer's."""
+    os.nice(NICENESS)
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: serve batches from stdin for one store."""
     parser = argparse.ArgumentParser(prog="python -m balancer.store_writer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="the SQLite outcome store")
     parser.add_argument("--max-rows-per-statement", type=int, default=MAX_ROWS_PER_STATEMENT)
+    parser.add_argument("--priority", choices=PRIORITIES, default="idle")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s store_writer: %(message)s")
     # Ctrl-C reaches the whole process group; the writer must outlive it to take the balancer's last flush.
     # It stops when the balancer closes the pipe (or dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.nice(NICENESS)
+    lower_priority(args.priority)
     connection = store.connect(args.store, cached_statements=len(insert_statements(args.max_rows_per_statement)) + 8)
     try:
         serve(sys.stdin.buffer, sys.stdout.buffer, StoreWriter(connection, max_rows_per_statement=args.max_rows_per_statement))

@@ -19,6 +19,8 @@ class ProcessTimes:
     parent_pid: int
     user_ticks: int
     system_ticks: int
+    children_user_ticks: int = 0  # cutime, cstime: the children it has reaped (waited for)
+    children_system_ticks: int = 0
 
     @property
     def cpu_ticks(self) -> int:
@@ -33,9 +35,11 @@ def parse_stat(text: str) -> ProcessTimes:
     fields = after_name.split()
     if not pid_text.strip().isdigit() or len(fields) < 13:
         raise ValueError(f"not a /proc/<pid>/stat line: {text[:80]!r}")
-    # after the name: state(3) ppid(4) ... utime(14) stime(15), numbered as in proc(5)
+    # after the name: state(3) ppid(4) ... utime(14) stime(15) cutime(16) cstime(17), numbered as in proc(5)
     return ProcessTimes(pid=int(pid_text), parent_pid=int(fields[1]),
-                        user_ticks=int(fields[11]), system_ticks=int(fields[12]))
+                        user_ticks=int(fields[11]), system_ticks=int(fields[12]),
+                        children_user_ticks=int(fields[13]) if len(fields) > 14 else 0,
+                        children_system_ticks=int(fields[14]) if len(fields) > 14 else 0)
 
 
 def read_times(pid: int, proc: Path = Path("/proc")) -> ProcessTimes | None:
@@ -101,6 +105,35 @@ def cpu_between(before: Mapping[int, ProcessTimes], after: Mapping[int, ProcessT
     user = sum(end.user_ticks - start.user_ticks for start, end in pairs)
     system = sum(end.system_ticks - start.system_ticks for start, end in pairs)
     return CpuUsage(user_s=user / CLOCK_TICKS_PER_SECOND, system_s=system / CLOCK_TICKS_PER_SECOND)
+
+
+def tree_cpu_between(root_pid: int, before: Mapping[int, ProcessTimes],
+                     after: Mapping[int, ProcessTimes]) -> tuple[CpuUsage, CpuUsage]:
+    """(all, all but the root's own): CPU a process tree used between two snapshots of it.
+
+    Unlike `cpu_between`, the tree may change in between (a balancer replacing its store writer):
+    a process started since counts in full, and a child of the root that ended and was reaped
+    counts what it used after `before`, from the root's cutime and cstime.
+    """
+    user = system = 0
+    for pid, end in after.items():
+        start = before.get(pid)
+        user += end.user_ticks - (start.user_ticks if start else 0)
+        system += end.system_ticks - (start.system_ticks if start else 0)
+    root_before, root_after = before.get(root_pid), after.get(root_pid)
+    if root_before is not None and root_after is not None:
+        reaped = [times for pid, times in before.items() if pid not in after and times.parent_pid == root_pid]
+        user += root_after.children_user_ticks - root_before.children_user_ticks - sum(t.user_ticks for t in reaped)
+        system += (root_after.children_system_ticks - root_before.children_system_ticks
+                   - sum(t.system_ticks for t in reaped))
+    own_user = own_system = 0
+    if root_before is not None and root_after is not None:
+        own_user = root_after.user_ticks - root_before.user_ticks
+        own_system = root_after.system_ticks - root_before.system_ticks
+    total = CpuUsage(user_s=user / CLOCK_TICKS_PER_SECOND, system_s=system / CLOCK_TICKS_PER_SECOND)
+    children = CpuUsage(user_s=(user - own_user) / CLOCK_TICKS_PER_SECOND,
+                        system_s=(system - own_system) / CLOCK_TICKS_PER_SECOND)
+    return total, children
 
 
 def microseconds_per_request(cpu_seconds: float, requests: int) -> float:

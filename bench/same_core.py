@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.procstat import cpu_between, microseconds_per_request, pinned_apart, process_tree, snapshot, split_cpus
+from bench.procstat import (microseconds_per_request, pinned_apart, process_tree, snapshot, split_cpus,
+                            tree_cpu_between)
 from bench.runs import FULL, Settings
 from bench.stack import FEATURE_BASELINE, BalancerOptions, Stack, Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
@@ -40,6 +41,9 @@ CONFIGURATIONS = {
     "outcomes-off": BalancerOptions("outcomes off", record_outcomes=False),
     "metrics-off": BalancerOptions("metrics off", export_metrics=False),
 }
+
+# After each run, before the CPU is read: a few flush intervals (0.2 s) for the store writers to catch up.
+DRAIN_S = 0.8
 
 # What `make bench` runs at once with the lean balancer: all features on, then each alone (labels of
 # `bench.stack.FEATURE_CONFIGURATIONS`).
@@ -141,14 +145,15 @@ def _load_together(order: Sequence[Target], trees: dict[str, list[int]], *, sett
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - started
-    after = {name: snapshot(tree) for name, tree in trees.items()}
     if failures:
         raise failures[0]
+    # A store writer at idle priority may be behind when the load stops, and one the balancer replaced
+    # (starved) is a new process: its work is counted once it is done, over the whole tree as it is now.
+    time.sleep(DRAIN_S)
+    after = {name: snapshot(process_tree(tree[0])) for name, tree in trees.items()}
     shares = {}
     for name, tree in trees.items():
-        total = cpu_between(before[name], after[name])
-        writer = cpu_between({pid: before[name][pid] for pid in tree[1:] if pid in before[name]},
-                             {pid: after[name][pid] for pid in tree[1:] if pid in after[name]})
+        total, writer = tree_cpu_between(tree[0], before[name], after[name])
         shares[name] = CoreShare(requests=results[name].requests, errors=results[name].errors,
                                  cpu_s=total.total_s, writer_s=writer.total_s)
     busy = sum(share.cpu_s for share in shares.values()) / elapsed if elapsed > 0 else float("nan")

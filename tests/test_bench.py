@@ -48,6 +48,7 @@ from bench.procstat import (
     snapshot,
     split_cpus,
     steal_share,
+    tree_cpu_between,
 )
 from bench.loop_stalls import WRITERS, Stalls
 from bench.profile import Profile, parse_collapsed
@@ -125,6 +126,29 @@ def test_cpu_accounting_over_a_fake_proc_tree(tmp_path: Path) -> None:
     assert used.system_share == pytest.approx(1 / 3)
     assert microseconds_per_request(1.5, 10_000) == pytest.approx(150.0)
     assert math.isnan(microseconds_per_request(1.0, 0))
+
+
+def test_a_tree_whose_child_was_replaced_counts_the_old_childs_end_and_the_new_one_in_full(tmp_path: Path) -> None:
+    def write(pid: int, parent: int, user: int, system: int, children: tuple[int, int] = (0, 0)) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        (tmp_path / str(pid) / "stat").write_text(
+            f"{pid} (python) S {parent} 1 1 0 -1 0 0 0 0 0 {user} {system} {children[0]} {children[1]} 20 0 1 0 1 1 1\n")
+
+    write(100, 1, 1000, 500)  # a balancer
+    write(101, 100, 40, 10)  # its store writer
+    (tmp_path / "self").mkdir()
+    before = snapshot(process_tree(100, tmp_path), tmp_path)
+    assert before[100].children_user_ticks == 0
+    # the writer used 30 + 5 ticks more, was killed and reaped (its 70 + 15 land in the balancer's
+    # cutime and cstime); its replacement used 20 + 4 from its start
+    write(100, 1, 1300, 600, children=(70, 15))
+    (tmp_path / "101" / "stat").unlink()
+    (tmp_path / "101").rmdir()
+    write(102, 100, 20, 4)
+    total, writers = tree_cpu_between(100, before, snapshot(process_tree(100, tmp_path), tmp_path))
+    ticks = CLOCK_TICKS_PER_SECOND
+    assert (total.user_s, total.system_s) == pytest.approx(((300 + 30 + 20) / ticks, (100 + 5 + 4) / ticks))
+    assert (writers.user_s, writers.system_s) == pytest.approx(((30 + 20) / ticks, (5 + 4) / ticks))
 
 
 def test_descendants_follow_grandchildren_only() -> None:

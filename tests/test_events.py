@@ -15,7 +15,7 @@ import pytest
 
 from balancer import events, store, store_writer
 from balancer.events import EventLog
-from bench.store_insert import synthetic_rows
+from bench.store_insert import synthetic_row, synthetic_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -235,11 +235,73 @@ def test_ids_of_a_failed_batch_stay_known_until_it_is_committed(tmp_path: Path) 
     log.close()
 
 
-def test_the_writer_runs_at_a_lower_priority_than_the_balancer(tmp_path: Path) -> None:
-    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)
+def writer_scheduling(log: EventLog) -> tuple[int, int]:
+    """(policy, niceness) of the log's running writer process."""
+    assert log._process is not None
+    nice = int(Path(f"/proc/{log._process.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    return os.sched_getscheduler(log._process.pid), nice
+
+
+@pytest.mark.parametrize(("priority", "policy"), [("idle", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)])
+def test_the_writer_runs_at_a_lower_priority_than_the_balancer(tmp_path: Path, priority: str, policy: int) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, writer_priority=priority)
     log.record_request(synthetic_rows(1)[0])
     log.flush()  # the writer has started and answered
-    assert log._process is not None
-    writer_nice = int(Path(f"/proc/{log._process.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-    assert writer_nice == min(19, os.nice(0) + store_writer.NICENESS)
+    assert writer_scheduling(log) == (policy, min(19, os.nice(0) + store_writer.NICENESS))
+    assert log.running_priority == priority and log.writer_escalations == 0
     log.close()
+
+
+def test_an_unknown_writer_priority_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="writer_priority must be one of \\('idle', 'normal'\\), got 'high'"):
+        EventLog(tmp_path / "outcomes.db", writer_priority="high")
+
+
+def test_an_idle_writer_that_does_not_answer_in_time_is_replaced_at_normal_priority_for_a_while(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, writer_starved_s=0.0, writer_normal_for_s=0.5)
+    rows = synthetic_rows(30)
+    log.record_request(rows[0])
+    log.flush()  # no batch is answered in 0 s: the watchdog kills the writer, the batch goes to a normal one
+    assert log.writer_escalations == 1 and log.writer_restarts == 0 and log.pending == 0 and log.last_error is None
+    assert log.running_priority == "normal" and writer_scheduling(log)[0] == os.SCHED_OTHER
+    normal_writer = log._process
+    log.record_request(rows[1])
+    log.flush()  # a normal writer has no watchdog: it stays
+    assert log._process is normal_writer and log.writer_escalations == 1
+    time.sleep(0.6)
+    log.record_request(rows[2])
+    log.flush()  # the while is over: a writer at idle, and (nothing being in time here) a normal one again
+    assert log._process is not normal_writer and log.writer_escalations == 2 and log.writer_restarts == 0
+    log.close()
+    with sqlite3.connect(tmp_path / "outcomes.db") as connection:
+        assert connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux's SCHED_IDLE")
+def test_a_writer_starved_by_a_busy_cpu_is_replaced_and_the_batch_committed(tmp_path: Path) -> None:
+    """A real scheduler: an idle-priority writer sharing a CPU with a busy process gets almost none of it."""
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", "import os, time\nos.sched_setaffinity(0, {%d})\n"
+                            "end = time.monotonic() + 60\nwhile time.monotonic() < end: pass" % cpu])
+    try:
+        log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, writer_starved_s=0.5)
+        rows = synthetic_rows(1500)
+        log.record_request(rows[0])
+        log.flush()  # started and answered while the CPUs were free
+        assert log._process is not None and log.running_priority == "idle"
+        os.sched_setaffinity(log._process.pid, {cpu})  # the writer now competes with the busy process
+        time.sleep(0.2)
+        for row in rows[1:]:
+            log.record_request(row)
+        started = time.monotonic()
+        log.flush()
+        seconds = time.monotonic() - started
+        assert log.writer_escalations == 1 and log.running_priority == "normal" and log.pending == 0
+        assert seconds < 5, f"the batch took {seconds:.2f}s"
+        print(f"\n1,499 rows committed {seconds:.2f}s after the flush began (watchdog 0.5 s)")
+        log.close()
+    finally:
+        hog.kill()
+        hog.wait()
+    with sqlite3.connect(tmp_path / "outcomes.db") as connection:
+        assert connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1500
