@@ -95,6 +95,9 @@ class EventLog:
         self.rejected_records = 0
         self.writer_restarts = 0
         self.last_error: str | None = None
+        # Started now, not at the first flush: its interpreter's start-up (tens of ms of CPU, at normal
+        # priority until it lowers its own) then happens before the balancer serves, not in its first second.
+        self._writer_process()
         self._sender = threading.Thread(target=self._run, name="event-log-sender", daemon=True)
         self._sender.start()
 

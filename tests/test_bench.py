@@ -954,3 +954,18 @@ def test_a_process_pinned_apart_gets_every_cpu_back(tmp_path: Path) -> None:
         for process in (first, second):
             process.kill()
             process.wait()
+
+
+def test_the_cold_start_summary_gives_each_windows_median_and_the_first_over_the_last() -> None:
+    from bench import cold_start
+
+    def sample(p99_ms: float) -> FixedRateSample:
+        return FixedRateSample(rate=500, achieved_rps=500, completed=500, errors=0, queued=0, p50_ms=0.2,
+                               p99_ms=p99_ms, p999_ms=p99_ms, late_ms_p99=0.1, client_cpu_s=0.1)
+
+    starts = [[sample(9.0), sample(2.0), sample(1.0)], [sample(6.0), sample(1.0), sample(1.5)],
+              [sample(12.0), sample(3.0), sample(2.0)]]
+    lines = cold_start.summarize(starts, 1.0)
+    assert lines[0] == "window 1 (0-1 s after ready): p50 0.20 ms, p99 9.00 ms (each start: 9.00, 6.00, 12.00), errors 0"
+    assert lines[2].startswith("window 3 (2-3 s after ready): p50 0.20 ms, p99 1.50 ms")
+    assert lines[3] == "first window's p99 over the last window's: 6.00x (median over 3 starts)"
