@@ -11,6 +11,7 @@ from datetime import datetime
 
 from scipy.stats import quantile_test, spearmanr
 
+from bench.cold_start import summarize as summarize_cold_start
 from bench.instructions import FLUSH_EVERY, LONG_RUN, REPEATS, SHORT_RUN, WRITER
 from bench.loop_stalls import STALL_S, WRITERS, Stalls
 from bench import perf_profile
@@ -70,6 +71,9 @@ class BenchResults:
     same_core: dict[str, list[SameCorePair]] = field(default_factory=dict)
     # fixed-rate runs of the no-op paths with the hop's processes on one CPU, the client and backends on the other
     fixed_rate_pinned: dict[str, list[FixedRateSample]] = field(default_factory=dict)
+    # bench/cold_start.py: per fresh balancer, its consecutive fixed-rate windows from the moment it was ready
+    cold_start: list[list[FixedRateSample]] = field(default_factory=list)
+    cold_start_window_s: float = 1.0
 
     def target(self, kind: str, hop: str, label: str = "") -> Target | None:
         """The target of `kind` and `hop` ('balancer' with a label for the feature-cost variants)."""
@@ -320,6 +324,7 @@ def render_report(results: BenchResults) -> str:
         _direct_bound_section(results),
         _perf_section(results),
         _tail_section(results),
+        _cold_start_section(results),
         _instructions_section(results),
         _stalls_section(results),
         _profile_section(results),
@@ -738,6 +743,34 @@ def _pinned_tail(results: BenchResults, paths: tuple[tuple[str, Target | None], 
         "runs is what sharing the cores with the load generator and the backends adds to the tail.\n\n"
         "| path | p99 ms, own CPU | added p99 ms, own CPU | p99 ms, cores shared (above) | each round's p99 ms, own CPU "
         "| busy |\n|---|---|---|---|---|---|\n" + "".join(rows)
+    )
+
+
+def _cold_start_section(results: BenchResults) -> str:
+    """The first seconds of a fresh balancer: what a user's first traffic meets, unlike the warmed-up runs above."""
+    if not results.cold_start:
+        return ""
+    starts, window_s = results.cold_start, results.cold_start_window_s
+    rate = starts[0][0].rate
+    rows = []
+    for index in range(len(starts[0])):
+        window = [samples[index] for samples in starts]
+        rows.append(f"| {index * window_s:g}–{(index + 1) * window_s:g} s "
+                    f"| {_number(median([sample.p50_ms for sample in window]), 2)} "
+                    f"| {_number(median([sample.p99_ms for sample in window]), 2)} "
+                    f"| {', '.join(_number(sample.p99_ms, 1) for sample in window)} "
+                    f"| {sum(sample.errors for sample in window)} |\n")
+    return (
+        "## The first seconds after a start\n\n"
+        "Every balancer above was warmed up at saturation before it was measured. A user's first traffic meets a "
+        f"fresh one: {len(starts)} balancers (sticky, outcome log and metrics on) were started one after another in "
+        f"front of the no-op backends, and each, the moment its health check answered, got {len(starts[0])} "
+        f"consecutive fixed-rate windows of {window_s:g} s at {rate:.0f} req/s with no warm-up "
+        "(`bench/cold_start.py`; `python -m bench.cold_start` repeats it). The cores are shared, as in the "
+        "main fixed-rate runs.\n\n"
+        "| window after ready | p50 ms (median) | p99 ms (median) | each start's p99 ms | errors |\n"
+        "|---|---|---|---|---|\n" + "".join(rows)
+        + "\n" + summarize_cold_start(starts, window_s)[-1].capitalize() + ".\n"
     )
 
 

@@ -45,10 +45,14 @@ class Settings:
     cost_pair_s: float = 3.0
     same_core_pairs: int = 10  # bench/same_core.py: runs of each feature configuration at once with the lean one
     same_core_s: float = 3.0
+    cold_starts: int = 5  # bench/cold_start.py: fresh balancers, each loaded from the moment it is ready
+    cold_windows: int = 5
+    cold_window_s: float = 1.0
 
 
 FULL = Settings(rounds=5, saturation_s=4, fixed_rate_s=4, warmup_s=0.5)
-QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5, cost_pairs=2, same_core_pairs=2)
+QUICK = Settings(rounds=1, saturation_s=3, fixed_rate_s=3, warmup_s=0.5, cost_pairs=2, same_core_pairs=2, cold_starts=1,
+                 cold_windows=2)
 
 
 def paired_samples(first: Target, second: Target, pairs: int, measure: Callable[[Target], Sample], *,

@@ -969,3 +969,24 @@ def test_the_cold_start_summary_gives_each_windows_median_and_the_first_over_the
     assert lines[0] == "window 1 (0-1 s after ready): p50 0.20 ms, p99 9.00 ms (each start: 9.00, 6.00, 12.00), errors 0"
     assert lines[2].startswith("window 3 (2-3 s after ready): p50 0.20 ms, p99 1.50 ms")
     assert lines[3] == "first window's p99 over the last window's: 6.00x (median over 3 starts)"
+
+
+def test_the_cold_start_section_shows_each_window_and_survives_the_results_file(tmp_path: Path) -> None:
+    results = _results()
+    assert "## The first seconds after a start" not in render_report(results)  # results from before it
+
+    def window(p50: float, p99: float) -> FixedRateSample:
+        return FixedRateSample(rate=12000, achieved_rps=12000, completed=12000, errors=0, queued=0, p50_ms=p50,
+                               p99_ms=p99, p999_ms=p99, late_ms_p99=0.1, client_cpu_s=0.2, dispatched=12000,
+                               seconds=1.0, steal=0.0)
+
+    results.cold_start = [[window(0.3, 12.0), window(0.2, 3.0)], [window(0.2, 6.0), window(0.2, 2.0)],
+                          [window(0.4, 9.0), window(0.1, 2.5)]]
+    report = render_report(results)
+    assert "each, the moment its health check answered, got 2 consecutive fixed-rate windows of 1 s at 12000" in report
+    assert "| 0–1 s | 0.30 | 9.00 | 12.0, 6.0, 9.0 | 0 |" in report
+    assert "| 1–2 s | 0.20 | 2.50 | 3.0, 2.0, 2.5 | 0 |" in report
+    assert "First window's p99 over the last window's: 3.60x (median over 3 starts)." in report
+    path = tmp_path / "BENCHMARKS.json"
+    results_file.save(results, path)
+    assert render_report(results_file.load(path)) == report
