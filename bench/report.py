@@ -331,7 +331,7 @@ def render_report(results: BenchResults) -> str:
         _report_section(results),
         _raw_section(results),
     ]
-    return "\n".join(parts).rstrip() + "\n"
+    return "\n".join(part for part in parts if part).rstrip() + "\n"
 
 
 def _machine_section(results: BenchResults) -> str:
