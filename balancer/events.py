@@ -66,6 +66,10 @@ class EventLog:
         self.writer_escalations = 0
         self._in_exchange = 0  # records of the batch the writer has not answered yet
         self._starved_process: subprocess.Popen[bytes] | None = None  # the writer the watchdog killed
+        # The watchdog thread: kills `_watched` if it has not answered by `_deadline` (None: nothing to watch).
+        self._watch = threading.Condition()
+        self._watched: subprocess.Popen[bytes] | None = None
+        self._deadline: float | None = None
         store_writer.insert_statements(max_rows_per_statement)  # a bad size fails here, not in the writer
         self._max_rows_per_statement = max_rows_per_statement
         self._reader = store.connect(self.path)  # creates the schema: a store that cannot be opened fails here
@@ -100,6 +104,8 @@ class EventLog:
         self._writer_process()
         self._sender = threading.Thread(target=self._run, name="event-log-sender", daemon=True)
         self._sender.start()
+        self._watchdog = threading.Thread(target=self._watch_writer, name="event-log-watchdog", daemon=True)
+        self._watchdog.start()
 
     # hot path: called on the event loop, no I/O
     def record_request(self, row: tuple[Any, ...]) -> None:
@@ -204,11 +210,27 @@ class EventLog:
             self._remember_committed()
             self._report_rejected(refused + rejected)
 
-    def _starved(self, process: subprocess.Popen[bytes]) -> None:
-        """The watchdog of an exchange with a writer at "idle": no answer in time, so it is killed (its
-        transaction rolls back; the batch goes again to a writer at "normal")."""
-        self._starved_process = process
-        process.kill()
+    def _watch_writer(self) -> None:
+        """The watchdog thread: a writer at "idle" not answering a batch in time is killed (its transaction
+        rolls back; `flush` sends the batch again to a writer at "normal")."""
+        with self._watch:
+            while not self._stopping:
+                if self._deadline is None or self._watched is None:
+                    self._watch.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._watch.wait(remaining)
+                    continue
+                self._starved_process, self._watched, self._deadline = self._watched, None, None
+                self._starved_process.kill()
+
+    def _set_watch(self, process: subprocess.Popen[bytes] | None) -> None:
+        """Watch `process` from now for `_writer_starved_s`, or (None) stop watching."""
+        with self._watch:
+            self._watched = process
+            self._deadline = None if process is None else time.monotonic() + self._writer_starved_s
+            self._watch.notify()
 
     def _escalated(self) -> bool:
         """After a writer ended mid-exchange: if the watchdog killed it, run the next at "normal" for a while."""
@@ -265,11 +287,9 @@ class EventLog:
         frame = ROWS_PER_FRAME * REQUEST_WIDTH
         chunks = range(0, len(requests), frame)
         # A starved writer blocks the pipe's writes as well as its answer: the watchdog covers both.
-        watchdog = None
-        if self.running_priority == "idle":
-            watchdog = threading.Timer(self._writer_starved_s, self._starved, args=(process,))
-            watchdog.daemon = True
-            watchdog.start()
+        watched = self.running_priority == "idle"
+        if watched:
+            self._set_watch(process)
         try:
             store_writer.write_frame(process.stdin, (len(chunks), feedback, configs))
             for start in chunks:
@@ -279,8 +299,8 @@ class EventLog:
         except (BrokenPipeError, EOFError) as exc:
             raise WriterGone(f"{exc} (exit status {process.poll()})") from exc
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            if watched:
+                self._set_watch(None)
         return inserted, written_feedback, rejected, error
 
     def _wanted_priority(self) -> str:
@@ -338,6 +358,8 @@ class EventLog:
         self._stopping = True
         self._wake.set()
         self._sender.join(timeout=30)
+        self._set_watch(None)  # wakes the watchdog, which sees `_stopping`
+        self._watchdog.join(timeout=5)
         self.flush()
         with self._flush_lock:
             self._stop_writer()
