@@ -1,6 +1,6 @@
 """The first seconds of a balancer's life: latency of a fixed-rate load started the moment it is ready.
 
-    python -m bench.cold_start [--rate 6000] [--windows 5] [--seconds 1] [--starts 3]
+    python -m bench.cold_start [--rate 6000] [--windows 5] [--seconds 1] [--starts 3] [--configuration default]
 
 `make bench` warms every balancer up at saturation before it measures, so its figures are those
 of a balancer that has served for a while. A user's first traffic meets a fresh one: empty
@@ -23,15 +23,18 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.runs import FULL, FixedRateSample, Settings, measure_fixed_rate
+from bench.same_core import CONFIGURATIONS
 from bench.stack import BalancerOptions, Stack
 
 logger = logging.getLogger(__name__)
 
 
 def windows_after_start(stack: Stack, upstreams: dict[str, str], backend_pids: tuple[int, ...], *, label: str,
-                        rate: float, windows: int, settings: Settings, body_file: Path) -> list[FixedRateSample]:
-    """Start a fresh balancer, then `windows` fixed-rate runs back to back, the first at once."""
-    target = stack.balancer("noop", BalancerOptions(label), upstreams, backend_pids)
+                        rate: float, windows: int, settings: Settings, body_file: Path,
+                        options: BalancerOptions | None = None) -> list[FixedRateSample]:
+    """Start a fresh balancer (`options`, relabelled; the default's if None), then `windows` fixed-rate runs
+    back to back, the first at once."""
+    target = stack.balancer("noop", replace(options or BalancerOptions(label), label=label), upstreams, backend_pids)
     stack.ready()
     return [measure_fixed_rate(target, rate, settings, body_file) for _ in range(windows)]
 
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=5, help="consecutive runs after each start")
     parser.add_argument("--seconds", type=float, default=1.0, help="length of each window")
     parser.add_argument("--starts", type=int, default=3, help="fresh balancers, one after another")
+    parser.add_argument("--configuration", choices=tuple(CONFIGURATIONS), default="default",
+                        help="the balancers' features (as bench.same_core names them)")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.windows < 2 or args.seconds <= 0 or args.starts < 1:
         parser.error("--rate and --seconds must be above 0, --windows at least 2, --starts at least 1")
@@ -82,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             for start in range(args.starts):
                 samples = windows_after_start(stack, upstreams, backend_pids, label=f"start {start + 1}",
                                               rate=args.rate, windows=args.windows, settings=settings,
-                                              body_file=body_file)
+                                              body_file=body_file, options=CONFIGURATIONS[args.configuration])
                 logger.info("start %d: p99 per window %s ms", start + 1,
                             ", ".join(f"{sample.p99_ms:.2f}" for sample in samples))
                 starts.append(samples)
-    print(f"fixed rate {args.rate:g} req/s from the moment a fresh balancer is ready, {args.starts} starts:")
+    print(f"fixed rate {args.rate:g} req/s from the moment a fresh balancer ({args.configuration}) is ready, "
+          f"{args.starts} starts:")
     print("\n".join(summarize(starts, args.seconds)))
     return 0
 
