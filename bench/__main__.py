@@ -113,12 +113,11 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
     started, clock = datetime.now(UTC), time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     workdir.chmod(0o711)  # nginx workers run as nobody when started by root
-    body_file = workdir / "body.json"
     logger.info("work folder %s%s", workdir, "" if keep else " (removed after a successful run; --keep keeps it)")
     succeeded = False
     try:
         with Stack(workdir, nginx=tools["nginx"], artifacts=artifacts) as stack:
-            body_file.write_bytes(stack.body)
+            body_file = stack.body_file
             saturation_targets, latency_targets = _start_everything(stack)
             load_before = load_average()
             saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
@@ -135,7 +134,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
                 pause_s=settings.pause_s, what="fixed rate")
             fixed_rate_pinned = _measure_pinned_fixed_rate(latency_targets, settings, rates["noop"], body_file)
-            cold_start = _measure_cold_start(stack, settings, rates["noop"], body_file)
+            cold_start = _measure_cold_start(stack, settings, rates["noop"])
             load_after = load_average()
             results = BenchResults(
                 settings=settings, quick=quick, targets=saturation_targets, saturation=saturation,
@@ -193,7 +192,7 @@ def _measure_pinned_fixed_rate(latency_targets: list[Target], settings: Settings
                        pause_s=settings.pause_s, what="fixed rate, hop on a CPU of its own")
 
 
-def _measure_cold_start(stack: Stack, settings: Settings, rate: float, body_file: Path) -> list[list[FixedRateSample]]:
+def _measure_cold_start(stack: Stack, settings: Settings, rate: float) -> list[list[FixedRateSample]]:
     """Fresh balancers in front of fresh no-op backends, each loaded at `rate` from the moment it is ready."""
     upstreams, backend_pids = stack.backends("noop")
     stack.ready()
@@ -203,7 +202,7 @@ def _measure_cold_start(stack: Stack, settings: Settings, rate: float, body_file
         logger.info("cold start %d/%d: %d windows of %g s at %.0f req/s", start + 1, settings.cold_starts,
                     settings.cold_windows, settings.cold_window_s, rate)
         starts.append(windows_after_start(stack, upstreams, backend_pids, label=f"cold start {start + 1}", rate=rate,
-                                          windows=settings.cold_windows, settings=window, body_file=body_file))
+                                          windows=settings.cold_windows, settings=window))
     return starts
 
 

@@ -17,26 +17,24 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 from bench.errors import BenchError
 from bench.runs import FULL, FixedRateSample, Settings, measure_fixed_rate
 from bench.same_core import CONFIGURATIONS
-from bench.stack import BalancerOptions, Stack
+from bench.stack import BalancerOptions, Stack, scratch_folder
 
 logger = logging.getLogger(__name__)
 
 
 def windows_after_start(stack: Stack, upstreams: dict[str, str], backend_pids: tuple[int, ...], *, label: str,
-                        rate: float, windows: int, settings: Settings, body_file: Path,
+                        rate: float, windows: int, settings: Settings,
                         options: BalancerOptions | None = None) -> list[FixedRateSample]:
     """Start a fresh balancer (`options`, relabelled; the default's if None), then `windows` fixed-rate runs
     back to back, the first at once."""
     target = stack.balancer("noop", replace(options or BalancerOptions(label), label=label), upstreams, backend_pids)
     stack.ready()
-    return [measure_fixed_rate(target, rate, settings, body_file) for _ in range(windows)]
+    return [measure_fixed_rate(target, rate, settings, stack.body_file) for _ in range(windows)]
 
 
 def summarize(starts: list[list[FixedRateSample]], seconds: float) -> list[str]:
@@ -76,21 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     tools = ensure_tools()
     settings = replace(FULL, fixed_rate_s=args.seconds, warmup_s=0.0)
     starts = []
-    with tempfile.TemporaryDirectory(prefix="bench-cold-start-") as scratch:
-        folder = Path(scratch)
-        folder.chmod(0o711)
-        with Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
-            body_file = folder / "body.json"
-            body_file.write_bytes(stack.body)
-            upstreams, backend_pids = stack.backends("noop")
-            stack.ready()
-            for start in range(args.starts):
-                samples = windows_after_start(stack, upstreams, backend_pids, label=f"start {start + 1}",
-                                              rate=args.rate, windows=args.windows, settings=settings,
-                                              body_file=body_file, options=CONFIGURATIONS[args.configuration])
-                logger.info("start %d: p99 per window %s ms", start + 1,
-                            ", ".join(f"{sample.p99_ms:.2f}" for sample in samples))
-                starts.append(samples)
+    with scratch_folder("bench-cold-start-") as folder, \
+            Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
+        upstreams, backend_pids = stack.backends("noop")
+        stack.ready()
+        for start in range(args.starts):
+            samples = windows_after_start(stack, upstreams, backend_pids, label=f"start {start + 1}", rate=args.rate,
+                                          windows=args.windows, settings=settings,
+                                          options=CONFIGURATIONS[args.configuration])
+            logger.info("start %d: p99 per window %s ms", start + 1, ", ".join(f"{sample.p99_ms:.2f}" for sample in samples))
+            starts.append(samples)
     print(f"fixed rate {args.rate:g} req/s from the moment a fresh balancer ({args.configuration}) is ready, "
           f"{args.starts} starts:")
     print("\n".join(summarize(starts, args.seconds)))

@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -47,7 +46,7 @@ from bench.procstat import split_cpus
 from bench.runs import (FULL, FixedRateSample, measure_fixed_rate, measure_saturation, paired_samples,
                         throughput_ratio)
 from bench.same_core import CONFIGURATIONS, measure_pairs
-from bench.stack import BalancerOptions, Stack
+from bench.stack import BalancerOptions, Stack, scratch_folder
 from bench.tools import ensure_tools
 from tests.processes import REPO, artifacts_dir
 
@@ -93,14 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tools = ensure_tools()
     settings = replace(FULL, saturation_s=args.seconds)
-    with tempfile.TemporaryDirectory(prefix="bench-compare-") as scratch:
-        folder = Path(scratch)
-        folder.chmod(0o711)
+    with scratch_folder("bench-compare-") as folder:
         try:
             base = checkout(args.base, folder)
             with Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
-                body_file = folder / "body.json"
-                body_file.write_bytes(stack.body)
+                body_file = stack.body_file
                 upstreams, backend_pids = stack.backends("noop")
                 this = stack.balancer("noop", CONFIGURATIONS[args.configuration], upstreams, backend_pids)
                 other = stack.balancer("noop", BalancerOptions(BASE_LABEL), upstreams, backend_pids, source=base)

@@ -121,13 +121,12 @@ def tree_cpu_between(root_pid: int, before: Mapping[int, ProcessTimes],
         user += end.user_ticks - (start.user_ticks if start else 0)
         system += end.system_ticks - (start.system_ticks if start else 0)
     root_before, root_after = before.get(root_pid), after.get(root_pid)
+    own_user = own_system = 0
     if root_before is not None and root_after is not None:
         reaped = [times for pid, times in before.items() if pid not in after and times.parent_pid == root_pid]
         user += root_after.children_user_ticks - root_before.children_user_ticks - sum(t.user_ticks for t in reaped)
         system += (root_after.children_system_ticks - root_before.children_system_ticks
                    - sum(t.system_ticks for t in reaped))
-    own_user = own_system = 0
-    if root_before is not None and root_after is not None:
         own_user = root_after.user_ticks - root_before.user_ticks
         own_system = root_after.system_ticks - root_before.system_ticks
     total = CpuUsage(user_s=user / CLOCK_TICKS_PER_SECOND, system_s=system / CLOCK_TICKS_PER_SECOND)

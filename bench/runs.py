@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from bench.errors import BenchError
 from bench.procstat import (CpuUsage, ProcessTimes, busy_seconds, cpu_between, machine_times, microseconds_per_request,
-                            pinned_apart, process_tree, snapshot, steal_share)
+                            pinned_apart, process_tree, snapshot, steal_share, tree_cpu_between)
 from bench.stack import Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
 from tests.processes import REPO
@@ -211,19 +211,21 @@ def measure_saturation(target: Target, settings: Settings, body_file: Path, *, w
     proxy_pids = process_tree(target.proxy_pid) if target.proxy_pid is not None else []
     proxy_before, backends_before, machine_before = snapshot(proxy_pids), snapshot(target.backend_pids), machine_times()
     result = run_wrk(command, environment, duration)
-    machine_after, proxy_after, backends_after = machine_times(), snapshot(proxy_pids), snapshot(target.backend_pids)
-    proxy_cpu = cpu_between(proxy_before, proxy_after) if proxy_pids else None
+    machine_after, backends_after = machine_times(), snapshot(target.backend_pids)
+    proxy_cpu, children = hop_cpu(target, proxy_before)
     # a balancer's process tree is the balancer and the store writer it started
-    writer_cpu = children_cpu(proxy_pids, proxy_before, proxy_after) if target.hop == "balancer" else None
+    writer_cpu = children if target.hop == "balancer" else None
     return saturation_sample(result, proxy_cpu, cpu_between(backends_before, backends_after),
                              steal=steal_share(machine_before, machine_after), writer_cpu=writer_cpu,
                              machine_busy_s=busy_seconds(machine_before, machine_after))
 
 
-def children_cpu(tree: Sequence[int], before: Mapping[int, ProcessTimes], after: Mapping[int, ProcessTimes]) -> CpuUsage:
-    """CPU of a `process_tree` (root first) without its root: what the root's child processes used in between."""
-    children = set(tree[1:])
-    return cpu_between({pid: times for pid, times in before.items() if pid in children}, after)
+def hop_cpu(target: Target, before: Mapping[int, ProcessTimes]) -> tuple[CpuUsage | None, CpuUsage | None]:
+    """(the hop's process tree, its child processes): CPU since `before`, a snapshot of the tree; Nones without
+    a hop. The tree is listed again, so a store writer the balancer replaced meanwhile counts (`tree_cpu_between`)."""
+    if target.proxy_pid is None:
+        return None, None
+    return tree_cpu_between(target.proxy_pid, before, snapshot(process_tree(target.proxy_pid)))
 
 
 def openloop_command(target: Target, rate: float, settings: Settings, body_file: Path) -> list[str]:
@@ -259,7 +261,8 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
             raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
     # The client's start-up is inside this window: `python -m bench.openloop` starts an interpreter that then
     # execs the compiled client, 60-80 ms on this machine (`time`), so busy shares read about 1.5 % low.
-    seconds, machine_after, proxy_after = time.monotonic() - started, machine_times(), snapshot(proxy_pids)
+    seconds, machine_after = time.monotonic() - started, machine_times()
+    proxy_cpu, _ = hop_cpu(target, proxy_before)
     if completed.returncode != 0:
         raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -272,7 +275,7 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
                            p99_ms=latency["p99"], p999_ms=latency["p99.9"], late_ms_p99=summary["late_ms_p99"],
                            client_cpu_s=summary["client_cpu_s"], seconds=seconds,
                            dispatched=summary["sent"] + round(rate * settings.warmup_s),
-                           proxy_cpu=cpu_between(proxy_before, proxy_after) if proxy_pids else None,
+                           proxy_cpu=proxy_cpu,
                            steal=steal_share(machine_before, machine_after))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from bench.errors import BenchError
 from bench.procstat import (microseconds_per_request, pinned_apart, process_tree, snapshot, split_cpus,
                             tree_cpu_between)
 from bench.runs import FULL, Settings
-from bench.stack import FEATURE_BASELINE, BalancerOptions, Stack, Target
+from bench.stack import FEATURE_BASELINE, BalancerOptions, Stack, Target, scratch_folder
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
 
 logger = logging.getLogger(__name__)
@@ -194,23 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tools = ensure_tools()
     settings: Settings = replace(FULL, saturation_s=args.seconds)
-    with tempfile.TemporaryDirectory(prefix="bench-same-core-") as scratch:
-        folder = Path(scratch)
-        folder.chmod(0o711)
-        with Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
-            body_file = folder / "body.json"
-            body_file.write_bytes(stack.body)
-            upstreams, backend_pids = stack.backends("noop")
-            # distinct labels, so an A/A run starts two balancers
-            first = stack.balancer("noop", replace(CONFIGURATIONS[args.first], label=f"first: {args.first}"),
-                                   upstreams, backend_pids)
-            second = stack.balancer("noop", replace(CONFIGURATIONS[args.second], label=f"second: {args.second}"),
-                                    upstreams, backend_pids)
-            stack.ready()
-            measure_pairs(first, second, 1, settings=settings, body_file=body_file, wrk=tools["wrk"],
-                          seconds=settings.warmup_s)  # pools and caches filled; not counted
-            pairs = measure_pairs(first, second, args.pairs, settings=settings, body_file=body_file,
-                                  wrk=tools["wrk"], seconds=args.seconds)
+    with scratch_folder("bench-same-core-") as folder, \
+            Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
+        body_file = stack.body_file
+        upstreams, backend_pids = stack.backends("noop")
+        # distinct labels, so an A/A run starts two balancers
+        first = stack.balancer("noop", replace(CONFIGURATIONS[args.first], label=f"first: {args.first}"),
+                               upstreams, backend_pids)
+        second = stack.balancer("noop", replace(CONFIGURATIONS[args.second], label=f"second: {args.second}"),
+                                upstreams, backend_pids)
+        stack.ready()
+        measure_pairs(first, second, 1, settings=settings, body_file=body_file, wrk=tools["wrk"],
+                      seconds=settings.warmup_s)  # pools and caches filled; not counted
+        pairs = measure_pairs(first, second, args.pairs, settings=settings, body_file=body_file,
+                              wrk=tools["wrk"], seconds=args.seconds)
     print(summarize(pairs, args.first, args.second))
     return 0
 

@@ -12,10 +12,11 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections import Counter
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,15 @@ def balancer_yaml(options: BalancerOptions, upstreams: Mapping[str, str]) -> str
     return text
 
 
+@contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder for a Stack, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        folder = Path(scratch)
+        folder.chmod(0o711)  # nginx workers run as nobody when started by root
+        yield folder
+
+
 class Stack:
     """Starts processes into `workdir` (logs, configs, stores) and stops them all on exit."""
 
@@ -106,6 +116,8 @@ class Stack:
         self.nginx = nginx
         self.artifacts = artifacts
         self.body = sample_body(artifacts)
+        self.body_file = workdir / "body.json"  # what the load generators send
+        self.body_file.write_bytes(self.body)
         self._exit = ExitStack()
         self._pending: list[tuple[str, subprocess.Popen[bytes], str, Path]] = []
 

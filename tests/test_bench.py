@@ -53,7 +53,7 @@ from bench.procstat import (
 from bench.loop_stalls import WRITERS, Stalls
 from bench.profile import Profile, parse_collapsed
 from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
-from bench.runs import (QUICK, FixedRateSample, SaturationSample, children_cpu, openloop_command, paired_samples,
+from bench.runs import (QUICK, FixedRateSample, SaturationSample, openloop_command, paired_samples,
                         throughput_ratio)
 from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
 from bench.tools import ensure_tools, find_tool
@@ -219,6 +219,19 @@ def test_collapsed_stacks_count_self_and_total_time_per_function_of_the_main_thr
     assert parse_collapsed("main (m.py:1);run (r.py:5) 2\n").self_counts == {"run (r.py)": 2}  # without --threads
 
 
+def fixed_rate_sample(p99_ms: float, *, p50_ms: float = 0.2, errors: int = 0, rate: float = 500) -> FixedRateSample:
+    """A fixed-rate run that met its rate, with these percentiles."""
+    return FixedRateSample(rate=rate, achieved_rps=rate, completed=int(rate), errors=errors, queued=0, p50_ms=p50_ms,
+                           p99_ms=p99_ms, p999_ms=p99_ms, late_ms_p99=0.1, client_cpu_s=0.1)
+
+
+def saved_and_loaded(results: BenchResults, folder: Path) -> BenchResults:
+    """`results` after a round trip through a results file in `folder`."""
+    path = folder / "BENCHMARKS.json"
+    results_file.save(results, path)
+    return results_file.load(path)
+
+
 def _results() -> BenchResults:
     def saturation(rps: float, hop_cpu: float | None) -> list[SaturationSample]:
         hop = None if hop_cpu is None else CpuUsage(user_s=hop_cpu * rps * 10 / 1e6 * 0.75,
@@ -358,7 +371,7 @@ def test_the_store_writer_cpu_is_the_balancer_process_trees_children() -> None:
         after = snapshot(tree)
     finally:
         parent.wait(timeout=30)
-    child, everything = children_cpu(tree, before, after), cpu_between(before, after)
+    child, everything = tree_cpu_between(tree[0], before, after)[1], cpu_between(before, after)
     assert child.total_s >= 0.15 and everything.total_s - child.total_s <= 0.05
 
 
@@ -833,18 +846,14 @@ def test_compare_states_an_interval_and_what_it_establishes() -> None:
 def test_the_latency_comparison_states_the_p99_difference_and_what_it_establishes() -> None:
     from bench import compare
 
-    def sample(p99_ms: float, errors: int = 0) -> FixedRateSample:
-        return FixedRateSample(rate=500, achieved_rps=500, completed=2000, errors=errors, queued=0, p50_ms=0.3,
-                               p99_ms=p99_ms, p999_ms=p99_ms * 2, late_ms_p99=0.1, client_cpu_s=0.1)
-
-    shorter = compare.summarize_latency([(sample(this), sample(base)) for this, base in
+    shorter = compare.summarize_latency([(fixed_rate_sample(this), fixed_rate_sample(base)) for this, base in
                                          ((4.0, 9.0), (5.0, 8.0), (3.5, 8.5), (4.5, 12.0), (6.0, 7.0))], 4.0)
     assert shorter.startswith("median p99 4.50 ms against 8.50 ms; median difference -5.00 ms over 5 pairs of 4 s "
                               "(range -7.50 to -1.00 ms")
     assert shorter.endswith("90 % interval of the median -7.50 to -1.00 ms: this tree's tail is shorter")
-    longer = compare.summarize_latency([(sample(9.0, errors=1), sample(4.0))] * 5, 4.0)
+    longer = compare.summarize_latency([(fixed_rate_sample(9.0, errors=1), fixed_rate_sample(4.0))] * 5, 4.0)
     assert "5 errors" in longer and longer.endswith("this tree's tail is longer")
-    mixed = [(sample(5.0), sample(4.0)), (sample(4.0), sample(5.0))] * 3
+    mixed = [(fixed_rate_sample(5.0), fixed_rate_sample(4.0)), (fixed_rate_sample(4.0), fixed_rate_sample(5.0))] * 3
     assert compare.summarize_latency(mixed, 4.0).endswith("no difference established")
     assert compare.summarize_latency(mixed[:2], 4.0).endswith("too few pairs for an interval (5 or more)")
 
@@ -935,9 +944,7 @@ def test_pinned_fixed_rate_runs_give_their_own_p99_row_and_table(tmp_path: Path)
     assert "The same fixed-rate runs once more, the hop on a CPU of its own" in report
     assert "| balancer | 4.00 | +3.00 | 9.00 | 3.0, 4.5, 3.5, 4.0, 9.0 | 60 % |" in report
     assert "| direct | 1.00 | — | 2.00 | 1.0, 1.5, 1.0, 2.0, 1.0 | — |" in report
-    path = tmp_path / "BENCHMARKS.json"
-    results_file.save(results, path)
-    assert render_report(results_file.load(path)) == report
+    assert render_report(saved_and_loaded(results, tmp_path)) == report
 
 
 def test_a_process_pinned_apart_gets_every_cpu_back(tmp_path: Path) -> None:
@@ -959,12 +966,8 @@ def test_a_process_pinned_apart_gets_every_cpu_back(tmp_path: Path) -> None:
 def test_the_cold_start_summary_gives_each_windows_median_and_the_first_over_the_last() -> None:
     from bench import cold_start
 
-    def sample(p99_ms: float) -> FixedRateSample:
-        return FixedRateSample(rate=500, achieved_rps=500, completed=500, errors=0, queued=0, p50_ms=0.2,
-                               p99_ms=p99_ms, p999_ms=p99_ms, late_ms_p99=0.1, client_cpu_s=0.1)
-
-    starts = [[sample(9.0), sample(2.0), sample(1.0)], [sample(6.0), sample(1.0), sample(1.5)],
-              [sample(12.0), sample(3.0), sample(2.0)]]
+    starts = [[fixed_rate_sample(p99) for p99 in (9.0, 2.0, 1.0)], [fixed_rate_sample(p99) for p99 in (6.0, 1.0, 1.5)],
+              [fixed_rate_sample(p99) for p99 in (12.0, 3.0, 2.0)]]
     lines = cold_start.summarize(starts, 1.0)
     assert lines[0] == "window 1 (0-1 s after ready): p50 0.20 ms, p99 9.00 ms (each start: 9.00, 6.00, 12.00), errors 0"
     assert lines[2].startswith("window 3 (2-3 s after ready): p50 0.20 ms, p99 1.50 ms")
@@ -975,18 +978,11 @@ def test_the_cold_start_section_shows_each_window_and_survives_the_results_file(
     results = _results()
     assert "## The first seconds after a start" not in render_report(results)  # results from before it
 
-    def window(p50: float, p99: float) -> FixedRateSample:
-        return FixedRateSample(rate=12000, achieved_rps=12000, completed=12000, errors=0, queued=0, p50_ms=p50,
-                               p99_ms=p99, p999_ms=p99, late_ms_p99=0.1, client_cpu_s=0.2, dispatched=12000,
-                               seconds=1.0, steal=0.0)
-
-    results.cold_start = [[window(0.3, 12.0), window(0.2, 3.0)], [window(0.2, 6.0), window(0.2, 2.0)],
-                          [window(0.4, 9.0), window(0.1, 2.5)]]
+    results.cold_start = [[fixed_rate_sample(p99, p50_ms=p50, rate=12000) for p50, p99 in start]
+                          for start in (((0.3, 12.0), (0.2, 3.0)), ((0.2, 6.0), (0.2, 2.0)), ((0.4, 9.0), (0.1, 2.5)))]
     report = render_report(results)
     assert "each, the moment its health check answered, got 2 consecutive fixed-rate windows of 1 s at 12000" in report
     assert "| 0–1 s | 0.30 | 9.00 | 12.0, 6.0, 9.0 | 0 |" in report
     assert "| 1–2 s | 0.20 | 2.50 | 3.0, 2.0, 2.5 | 0 |" in report
     assert "First window's p99 over the last window's: 3.60x (median over 3 starts)." in report
-    path = tmp_path / "BENCHMARKS.json"
-    results_file.save(results, path)
-    assert render_report(results_file.load(path)) == report
+    assert render_report(saved_and_loaded(results, tmp_path)) == report
