@@ -6,7 +6,6 @@ Labels are bounded: experiment and variant come from the config, status is a cla
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -16,8 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# A list, not a tuple: mypyc keeps a fixed-length tuple of floats unboxed and would box all
-# thirteen into a new tuple on every `bisect_left` call.
 LATENCY_BUCKETS: Final[list[float]] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -90,7 +87,14 @@ class VariantStats:
     def observe(self, status: int, seconds: float) -> None:
         """Count one answered request (runs on the event loop, like the scrape)."""
         self.status_counts[min(max(status // 100, 1), 5) - 1] += 1
-        self.bucket_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        # A compiled loop compares unboxed floats; `bisect_left` compared boxed ones through
+        # PyObject_RichCompare (~400 instructions a request). Most answers fall in the first buckets.
+        index = 0
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                break
+            index += 1
+        self.bucket_counts[index] += 1
         self.duration_sum += seconds
 
 

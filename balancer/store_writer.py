@@ -40,7 +40,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from balancer import store
 
@@ -57,8 +57,10 @@ ROW_LIMIT = 32_766 // len(store.REQUEST_COLUMNS)  # rows of the largest statemen
 # about 3,000 instructions per None, more than the rest of the row. So the nullable text
 # columns bind the integer 0 for "no value" and the statement turns it back into NULL with
 # NULLIF(?, 0); a text value never equals the integer 0, so nothing else can become NULL.
+# `EventLog.record_request` swaps None for 0 as a row is recorded (a few instructions there,
+# against a Python loop over every column of the batch here).
 NULLABLE_TEXT_COLUMNS = ("upstream", "unit_id", "error")
-_NULLABLE_POSITIONS = tuple(store.REQUEST_COLUMNS.index(name) for name in NULLABLE_TEXT_COLUMNS)
+NULLABLE_POSITIONS: Final = tuple(store.REQUEST_COLUMNS.index(name) for name in NULLABLE_TEXT_COLUMNS)
 _ROW_PLACEHOLDERS = "(" + ", ".join(
     "NULLIF(?, 0)" if name in NULLABLE_TEXT_COLUMNS else "?" for name in store.REQUEST_COLUMNS
 ) + ")"
@@ -103,7 +105,12 @@ def insert_requests(connection: sqlite3.Connection, rows: Sequence[Row], stateme
     for row in rows:
         if len(row) != WIDTH:
             raise ValueError(f"a request row has {len(row)} columns, expected {WIDTH}: {row!r}"[:500])
-    insert_columns(connection, list(chain.from_iterable(rows)), statements)
+    columns = list(chain.from_iterable(rows))
+    for position in NULLABLE_POSITIONS:
+        for index in range(position, len(columns), WIDTH):
+            if columns[index] is None:
+                columns[index] = 0
+    insert_columns(connection, columns, statements)
 
 
 def request_rows(columns: Sequence[Any]) -> list[Row]:
@@ -112,13 +119,10 @@ def request_rows(columns: Sequence[Any]) -> list[Row]:
 
 
 def insert_columns(connection: sqlite3.Connection, columns: list[Any], statements: dict[int, str] = _DEFAULT_INSERTS) -> None:
-    """Insert request rows given as one flat list of their columns, row after row (its Nones become 0: see above)."""
+    """Insert request rows given as one flat list of their columns, row after row, with 0 for "no value" in the
+    nullable text columns (see above)."""
     if len(columns) % WIDTH:
         raise ValueError(f"{len(columns)} request columns are not whole rows of {WIDTH}")
-    for position in _NULLABLE_POSITIONS:
-        for index in range(position, len(columns), WIDTH):
-            if columns[index] is None:
-                columns[index] = 0
     start, count = 0, len(columns) // WIDTH
     for size, statement in statements.items():
         while count - start >= size:
