@@ -75,27 +75,91 @@ class BalancerMetrics:
 
 
 class VariantStats:
-    """Answered requests of one variant: counts per status class and a latency histogram."""
+    """Answered requests of one variant: counts per status class and a latency histogram.
 
-    __slots__ = ("status_counts", "bucket_counts", "duration_sum")
+    Every count is a float attribute, one per status class and bucket, which mypyc keeps unboxed:
+    counting allocates nothing (exact up to 2**53). Counts in lists of ints allocated and freed an int
+    per count, and `bisect_left` compared boxed floats: ~880 instructions a request in all, against
+    ~250 here (valgrind). The comparisons below are LATENCY_BUCKETS written out
+    (`tests/test_metrics.py` checks them against prometheus_client's own histogram at every edge).
+    """
+
+    __slots__ = ("status_1xx", "status_2xx", "status_3xx", "status_4xx", "status_5xx", "le_0", "le_1", "le_2", "le_3",
+                 "le_4", "le_5", "le_6", "le_7", "le_8", "le_9", "le_10", "le_11", "le_12", "le_inf", "duration_sum")
 
     def __init__(self) -> None:
-        self.status_counts = [0] * len(STATUS_CLASSES)
-        self.bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.status_1xx = 0.0
+        self.status_2xx = 0.0
+        self.status_3xx = 0.0
+        self.status_4xx = 0.0
+        self.status_5xx = 0.0
+        self.le_0 = 0.0
+        self.le_1 = 0.0
+        self.le_2 = 0.0
+        self.le_3 = 0.0
+        self.le_4 = 0.0
+        self.le_5 = 0.0
+        self.le_6 = 0.0
+        self.le_7 = 0.0
+        self.le_8 = 0.0
+        self.le_9 = 0.0
+        self.le_10 = 0.0
+        self.le_11 = 0.0
+        self.le_12 = 0.0
+        self.le_inf = 0.0
         self.duration_sum = 0.0
 
     def observe(self, status: int, seconds: float) -> None:
         """Count one answered request (runs on the event loop, like the scrape)."""
-        self.status_counts[min(max(status // 100, 1), 5) - 1] += 1
-        # A compiled loop compares unboxed floats; `bisect_left` compared boxed ones through
-        # PyObject_RichCompare (~400 instructions a request). Most answers fall in the first buckets.
-        index = 0
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                break
-            index += 1
-        self.bucket_counts[index] += 1
+        if status < 300:
+            if status >= 200:
+                self.status_2xx += 1.0
+            else:
+                self.status_1xx += 1.0
+        elif status < 400:
+            self.status_3xx += 1.0
+        elif status < 500:
+            self.status_4xx += 1.0
+        else:
+            self.status_5xx += 1.0
+        if seconds <= 0.001:
+            self.le_0 += 1.0
+        elif seconds <= 0.0025:
+            self.le_1 += 1.0
+        elif seconds <= 0.005:
+            self.le_2 += 1.0
+        elif seconds <= 0.01:
+            self.le_3 += 1.0
+        elif seconds <= 0.025:
+            self.le_4 += 1.0
+        elif seconds <= 0.05:
+            self.le_5 += 1.0
+        elif seconds <= 0.1:
+            self.le_6 += 1.0
+        elif seconds <= 0.25:
+            self.le_7 += 1.0
+        elif seconds <= 0.5:
+            self.le_8 += 1.0
+        elif seconds <= 1.0:
+            self.le_9 += 1.0
+        elif seconds <= 2.5:
+            self.le_10 += 1.0
+        elif seconds <= 5.0:
+            self.le_11 += 1.0
+        elif seconds <= 10.0:
+            self.le_12 += 1.0
+        else:
+            self.le_inf += 1.0
         self.duration_sum += seconds
+
+    def status_counts(self) -> list[float]:
+        """Requests per class, in STATUS_CLASSES order."""
+        return [self.status_1xx, self.status_2xx, self.status_3xx, self.status_4xx, self.status_5xx]
+
+    def bucket_counts(self) -> list[float]:
+        """Requests per latency bucket (not cumulative), in LATENCY_BUCKETS order, then +Inf."""
+        return [self.le_0, self.le_1, self.le_2, self.le_3, self.le_4, self.le_5, self.le_6, self.le_7, self.le_8,
+                self.le_9, self.le_10, self.le_11, self.le_12, self.le_inf]
 
 
 class _HotPathCollector(Collector):
@@ -114,9 +178,9 @@ class _HotPathCollector(Collector):
             labels=["experiment", "variant"],
         )
         for (experiment, variant), stats in list(self._variant_stats.items()):
-            for status_class, count in zip(STATUS_CLASSES, stats.status_counts, strict=True):
+            for status_class, count in zip(STATUS_CLASSES, stats.status_counts(), strict=True):
                 requests.add_metric([experiment, variant, status_class], count)
-            cumulative = list(accumulate(stats.bucket_counts))
+            cumulative = list(accumulate(stats.bucket_counts()))
             bounds = [repr(float(bound)) for bound in LATENCY_BUCKETS] + ["+Inf"]
             duration.add_metric([experiment, variant], list(zip(bounds, cumulative, strict=True)), stats.duration_sum)
         yield requests
