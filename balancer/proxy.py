@@ -127,7 +127,7 @@ class Proxy:
             return
         exchange.endpoint = endpoint
         exchange.headers = headers = forwarded_headers(request, exchange.request_id)
-        timeout = exchange.active.experiment.upstream.try_timeout_s
+        timeout = exchange.active.try_timeout_s
         payload = serialize_request(request.method, request.target, endpoint.pool.authority, headers, request.body)
         endpoint.pool.send(connection, payload, timeout, request.method == "HEAD", exchange.on_upstream)
 
@@ -338,7 +338,7 @@ class _Exchange:
         if proxy.record_outcomes:
             endpoint = self.endpoint
             proxy.events.record_request((
-                request_id, self.arrived, active.experiment.name, active.version, self.variant,
+                request_id, self.arrived, active.experiment_name, active.version, self.variant,
                 endpoint.pool.address if endpoint is not None else None, self.kind, self.unit_id,
                 response.status, seconds * 1000.0, None if error is None or upstream_response is not None else str(error),
             ))

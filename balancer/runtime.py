@@ -38,6 +38,10 @@ class ActiveConfig:
     applied_at: float
     sticky_source: tuple[str, str]  # (header|cookie|json, name), parsed once
     sticky_header: bytes  # a header source's name, lower-case bytes as `HttpRequest.header` takes it
+    # Read on every request: copied out of the pydantic models, whose attribute reads (through their
+    # class's __getattr__ hook) cost ~200 instructions each.
+    experiment_name: str
+    try_timeout_s: float
 
     @property
     def experiment(self) -> Experiment:
@@ -142,6 +146,8 @@ class Runtime:
             applied_at=time.time(),
             sticky_source=experiment.sticky_source,
             sticky_header=experiment.sticky_source[1].lower().encode("latin-1"),
+            experiment_name=experiment.name,
+            try_timeout_s=experiment.upstream.try_timeout_s,
         )
         self.last_error = None
 
