@@ -98,6 +98,7 @@ class EventLog:
         self._wake = threading.Event()
         self._stopping = False
         self._flush_lock = threading.Lock()
+        self._reader_lock = threading.Lock()  # one reader connection, used from the default executor's threads
         self.written_requests = 0
         self.written_feedback = 0
         self.duplicate_requests = 0
@@ -159,13 +160,16 @@ class EventLog:
         variant = self.recent_variant(request_id)
         if variant is not None:
             return variant
-        with self._flush_lock:
+        # A batch is committed before its ids leave `_sending`, so an id missed above is in the store, if
+        # anywhere; the read needs no flush to finish (the writer may be slow, or starved for a second).
+        with self._reader_lock:
             row = self._reader.execute("SELECT variant FROM requests WHERE request_id = ?", (request_id,)).fetchone()
         return None if row is None else str(row[0])
 
     def latest_config(self) -> tuple[int, str] | None:
         """(version, hash) of the newest config in the store, or None. Blocking."""
-        row = self._reader.execute("SELECT version, hash FROM configs ORDER BY version DESC LIMIT 1").fetchone()
+        with self._reader_lock:
+            row = self._reader.execute("SELECT version, hash FROM configs ORDER BY version DESC LIMIT 1").fetchone()
         return (int(row[0]), str(row[1])) if row else None
 
     def flush(self) -> None:
@@ -377,7 +381,8 @@ class EventLog:
         self.flush()
         with self._flush_lock:
             self._stop_writer()
-        self._reader.close()
+        with self._reader_lock:
+            self._reader.close()
 
     @property
     def pending(self) -> int:

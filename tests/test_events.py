@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -195,6 +196,33 @@ def test_recent_variants_keep_every_uncommitted_id_and_the_last_committed_ones(t
     assert [log.recent_variant(row[0]) for row in rows] == [None] * 5 + [row[4] for row in rows[5:]]
     assert log.variant_of(rows[0][0]) == rows[0][4]  # found in the store
     assert log.variant_of("never-logged") is None
+    log.close()
+
+
+def test_a_committed_id_is_found_in_the_store_while_a_flush_waits_for_the_writer(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, recent_ids=0, writer_priority="normal")
+    rows = synthetic_rows(2)
+    log.record_request(rows[0])
+    log.flush()
+    assert log.recent_variant(rows[0][0]) is None  # committed, and not remembered in memory
+    writer = log._process
+    assert writer is not None
+    os.kill(writer.pid, signal.SIGSTOP)  # the next batch waits for the writer's answer
+    try:
+        log.record_request(rows[1])
+        flushing = threading.Thread(target=log.flush)
+        flushing.start()
+        time.sleep(0.2)
+        assert flushing.is_alive()
+        found: list[str | None] = []
+        lookup = threading.Thread(target=lambda: found.append(log.variant_of(rows[0][0])))
+        lookup.start()
+        lookup.join(timeout=2.0)
+        assert found == [rows[0][4]]  # before: it waited for the flush's lock, as long as the writer was stopped
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+    flushing.join(timeout=10)
+    assert log.written_requests == 2
     log.close()
 
 
