@@ -24,7 +24,7 @@ from rich.console import Console
 from balancer import native
 from bench.cold_start import windows_after_start
 from bench.errors import BenchError
-from bench.instructions import KINDS as INSTRUCTION_KINDS
+from bench.instructions import MAKE_BENCH_KINDS as INSTRUCTION_KINDS
 from bench.instructions import measure as count_instructions
 from bench.loop_stalls import WRITERS
 from bench.loop_stalls import measure as measure_stalls

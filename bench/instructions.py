@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by valgrind: a measure the machine's noise cannot move.
 
-    python -m bench.instructions [--kinds floor lean default]
+    python -m bench.instructions [--kinds floor lean default] [outcomes-off metrics-off]
 
 CPU seconds at saturation (`make bench`) swing by tens of percent on a shared machine; an
 instruction count does not. Each kind runs the public port's real code in one process with
@@ -16,7 +16,9 @@ both runs prepare the same statements: with timed flushes the batch sizes, and s
 statements SQLite compiles, depend on how fast valgrind runs.
 
 Kinds: `floor` is `bench.floor_proxy.FloorHandler` (forwarding only); `lean` is the balancer
-with outcome logging and metrics off; `default` is the balancer as it ships.
+with outcome logging and metrics off; `default` is the balancer as it ships; `outcomes-off` and
+`metrics-off` (named as in `bench.same_core`) have one feature off, to count the other's share.
+`make bench` counts the first three (MAKE_BENCH_KINDS).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ KINDS = {
     "floor": None,
     "lean": BalancerOptions("lean", record_outcomes=False, export_metrics=False),
     "default": BalancerOptions("default"),
+    "outcomes-off": BalancerOptions("outcomes off", record_outcomes=False),
+    "metrics-off": BalancerOptions("metrics off", export_metrics=False),
 }
+MAKE_BENCH_KINDS = ("floor", "lean", "default")
 FLUSH_EVERY = store_writer.MAX_ROWS_PER_STATEMENT
 # Multiples of FLUSH_EVERY: every batch is a full one, and close() has nothing left to write.
 WARM_UP = FLUSH_EVERY
@@ -58,7 +63,7 @@ SHORT_RUN, LONG_RUN = FLUSH_EVERY, 9 * FLUSH_EVERY
 # a WAL checkpoint runs inside a run depends on how the writer's commits and the balancer's reads interleave,
 # and one such checkpoint moved the per-request figure by up to 5,000 instructions.
 REPEATS = 2
-WRITER = "writer"  # the store writer process's share of `default`, reported under its own key
+WRITER = "writer"  # the store writer process's share of `default`, reported under its own key (`WRITER` + kind for the others)
 UPSTREAMS = {"model_a": "127.0.0.1:9", "model_b": "127.0.0.1:9"}  # never connected to: the transports are fake
 BODY = json.dumps({"instances": [[0.5] * 30]}).encode()
 UPSTREAM_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 80\r\n\r\n" + b"x" * 80
@@ -146,7 +151,8 @@ def _count(kind: str, requests: int) -> tuple[int, int]:
 
 def measure(kinds: list[str]) -> dict[str, float]:
     """Instructions per request of each kind, all processes together (two callgrind runs each, all in parallel);
-    under WRITER, how many of `default`'s ran in its store writer process."""
+    under WRITER, how many of `default`'s ran in its store writer process (under WRITER + kind, another kind's
+    with a store writer)."""
     if shutil.which("valgrind") is None:
         raise BenchError("valgrind is not installed: apt-get install -y valgrind")
     jobs = [(kind, requests) for kind in kinds for requests in (SHORT_RUN, LONG_RUN)]
@@ -158,14 +164,19 @@ def measure(kinds: list[str]) -> dict[str, float]:
         counts[job] = (min(sample[0] for sample in samples), min(sample[1] for sample in samples))
     runs = LONG_RUN - SHORT_RUN
     per_request = {kind: (sum(counts[kind, LONG_RUN]) - sum(counts[kind, SHORT_RUN])) / runs for kind in kinds}
-    if "default" in kinds:
-        per_request[WRITER] = (counts["default", LONG_RUN][1] - counts["default", SHORT_RUN][1]) / runs
+    for kind in kinds:
+        options = KINDS[kind]
+        writer = (counts[kind, LONG_RUN][1] - counts[kind, SHORT_RUN][1]) / runs
+        if kind == "default":
+            per_request[WRITER] = writer
+        elif options is not None and options.record_outcomes:
+            per_request[WRITER + " " + kind] = writer
     return per_request
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(MAKE_BENCH_KINDS))
     parser.add_argument("--run", nargs=2, metavar=("KIND", "REQUESTS"), help=argparse.SUPPRESS)  # one counted run
     args = parser.parse_args()
     if args.run:
@@ -179,10 +190,12 @@ def main() -> None:
     previous = None
     for kind in args.kinds:
         delta = "" if previous is None else f"  ({per_request[kind] - per_request[previous]:+,.0f} over {previous})"
-        print(f"{kind:8s} {per_request[kind]:>9,.0f} instructions/request{delta}")
+        print(f"{kind:12s} {per_request[kind]:>9,.0f} instructions/request{delta}")
         previous = kind
-    if WRITER in per_request:
-        print(f"{'':8s} of which {per_request[WRITER]:,.0f} in default's store writer process")
+    for kind in args.kinds:
+        writer = per_request.get(WRITER if kind == "default" else WRITER + " " + kind)
+        if writer is not None:
+            print(f"{'':12s} of which {writer:,.0f} in {kind}'s store writer process")
 
 
 if __name__ == "__main__":
