@@ -36,8 +36,8 @@ REQUEST_WIDTH: Final = 11
 UPSTREAM_AT: Final = 5
 UNIT_ID_AT: Final = 7
 ERROR_AT: Final = 10
-assert REQUEST_WIDTH == len(store.REQUEST_COLUMNS)
-assert (UPSTREAM_AT, UNIT_ID_AT, ERROR_AT) == store_writer.NULLABLE_POSITIONS
+if (REQUEST_WIDTH, UPSTREAM_AT, UNIT_ID_AT, ERROR_AT) != (len(store.REQUEST_COLUMNS), *store_writer.NULLABLE_POSITIONS):
+    raise ImportError("balancer.events' column positions do not match store.REQUEST_COLUMNS")  # not `assert`: kept under -O
 WRITER_STOP_TIMEOUT_S = 30.0
 # Committed request ids are remembered in about this many dicts (see EventLog.__init__).
 COMMITTED_GENERATIONS = 8
