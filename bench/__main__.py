@@ -22,7 +22,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from balancer import native
-from bench.cold_start import windows_after_start
+from bench.cold_start import measure_starts
 from bench.errors import BenchError
 from bench.instructions import MAKE_BENCH_KINDS as INSTRUCTION_KINDS
 from bench.instructions import measure as count_instructions
@@ -134,7 +134,8 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
                 pause_s=settings.pause_s, what="fixed rate")
             fixed_rate_pinned = _measure_pinned_fixed_rate(latency_targets, settings, rates["noop"], body_file)
-            cold_start = _measure_cold_start(stack, settings, rates["noop"])
+            cold_start = measure_starts(stack, starts=settings.cold_starts, rate=rates["noop"],
+                                        windows=settings.cold_windows, window_s=settings.cold_window_s, settings=settings)
             load_after = load_average()
             results = BenchResults(
                 settings=settings, quick=quick, targets=saturation_targets, saturation=saturation,
@@ -190,20 +191,6 @@ def _measure_pinned_fixed_rate(latency_targets: list[Target], settings: Settings
     return interleaved([target for target in latency_targets if target.kind == "noop"], settings.rounds,
                        lambda target: measure_fixed_rate(target, rate, settings, body_file, pinned=split),
                        pause_s=settings.pause_s, what="fixed rate, hop on a CPU of its own")
-
-
-def _measure_cold_start(stack: Stack, settings: Settings, rate: float) -> list[list[FixedRateSample]]:
-    """Fresh balancers in front of fresh no-op backends, each loaded at `rate` from the moment it is ready."""
-    upstreams, backend_pids = stack.backends("noop")
-    stack.ready()
-    window = replace(settings, fixed_rate_s=settings.cold_window_s, warmup_s=0.0)
-    starts = []
-    for start in range(settings.cold_starts):
-        logger.info("cold start %d/%d: %d windows of %g s at %.0f req/s", start + 1, settings.cold_starts,
-                    settings.cold_windows, settings.cold_window_s, rate)
-        starts.append(windows_after_start(stack, upstreams, backend_pids, label=f"cold start {start + 1}", rate=rate,
-                                          windows=settings.cold_windows, settings=window))
-    return starts
 
 
 def _time_report(quick: bool) -> tuple[int, float]:

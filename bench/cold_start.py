@@ -37,6 +37,23 @@ def windows_after_start(stack: Stack, upstreams: dict[str, str], backend_pids: t
     return [measure_fixed_rate(target, rate, settings, stack.body_file) for _ in range(windows)]
 
 
+def measure_starts(stack: Stack, *, starts: int, rate: float, windows: int, window_s: float, settings: Settings,
+                   options: BalancerOptions | None = None) -> list[list[FixedRateSample]]:
+    """`starts` fresh balancers one after another in front of the no-op backends, each with its windows of
+    `window_s` from the moment it is ready (`windows_after_start`)."""
+    upstreams, backend_pids = stack.backends("noop")
+    stack.ready()
+    window = replace(settings, fixed_rate_s=window_s, warmup_s=0.0)
+    measured = []
+    for start in range(starts):
+        samples = windows_after_start(stack, upstreams, backend_pids, label=f"cold start {start + 1}", rate=rate,
+                                      windows=windows, settings=window, options=options)
+        logger.info("cold start %d/%d at %.0f req/s: p99 per %g s window %s ms", start + 1, starts, rate, window_s,
+                    ", ".join(f"{sample.p99_ms:.2f}" for sample in samples))
+        measured.append(samples)
+    return measured
+
+
 def summarize(starts: list[list[FixedRateSample]], seconds: float) -> list[str]:
     """One line per window: the median p50 and p99 over the starts, and the p99 of each start."""
     lines = []
@@ -72,18 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rate and --seconds must be above 0, --windows at least 2, --starts at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tools = ensure_tools()
-    settings = replace(FULL, fixed_rate_s=args.seconds, warmup_s=0.0)
-    starts = []
     with scratch_folder("bench-cold-start-") as folder, \
             Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
-        upstreams, backend_pids = stack.backends("noop")
-        stack.ready()
-        for start in range(args.starts):
-            samples = windows_after_start(stack, upstreams, backend_pids, label=f"start {start + 1}", rate=args.rate,
-                                          windows=args.windows, settings=settings,
-                                          options=CONFIGURATIONS[args.configuration])
-            logger.info("start %d: p99 per window %s ms", start + 1, ", ".join(f"{sample.p99_ms:.2f}" for sample in samples))
-            starts.append(samples)
+        starts = measure_starts(stack, starts=args.starts, rate=args.rate, windows=args.windows, window_s=args.seconds,
+                                settings=FULL, options=CONFIGURATIONS[args.configuration])
     print(f"fixed rate {args.rate:g} req/s from the moment a fresh balancer ({args.configuration}) is ready, "
           f"{args.starts} starts:")
     print("\n".join(summarize(starts, args.seconds)))

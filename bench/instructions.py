@@ -166,12 +166,14 @@ def measure(kinds: list[str]) -> dict[str, float]:
     per_request = {kind: (sum(counts[kind, LONG_RUN]) - sum(counts[kind, SHORT_RUN])) / runs for kind in kinds}
     for kind in kinds:
         options = KINDS[kind]
-        writer = (counts[kind, LONG_RUN][1] - counts[kind, SHORT_RUN][1]) / runs
-        if kind == "default":
-            per_request[WRITER] = writer
-        elif options is not None and options.record_outcomes:
-            per_request[WRITER + " " + kind] = writer
+        if options is not None and options.record_outcomes:
+            per_request[writer_key(kind)] = (counts[kind, LONG_RUN][1] - counts[kind, SHORT_RUN][1]) / runs
     return per_request
+
+
+def writer_key(kind: str) -> str:
+    """Where `measure` puts the share of `kind`'s instructions that ran in its store writer process."""
+    return WRITER if kind == "default" else f"{WRITER} {kind}"
 
 
 def main() -> None:
@@ -193,7 +195,7 @@ def main() -> None:
         print(f"{kind:12s} {per_request[kind]:>9,.0f} instructions/request{delta}")
         previous = kind
     for kind in args.kinds:
-        writer = per_request.get(WRITER if kind == "default" else WRITER + " " + kind)
+        writer = per_request.get(writer_key(kind))
         if writer is not None:
             print(f"{'':12s} of which {writer:,.0f} in {kind}'s store writer process")
 
