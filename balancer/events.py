@@ -5,7 +5,8 @@ straight onto one flat list, so no tuple per row lives until the flush (allocati
 and freeing those cost the balancer ~1 µs per request). A sender thread
 swaps the lists every `flush_interval_s` and hands them to the store's writer process
 (`balancer.store_writer`), which commits each batch in one SQLite transaction and answers
-with what it stored. SQLite's work, and the GIL it holds while binding parameters, stays
+with what it stored. Request rows travel in `balancer/_rows.c`'s format where it is built (see
+`store_writer.rows_codec`). SQLite's work, and the GIL it holds while binding parameters, stays
 out of the balancer's process. A crash of the balancer (kill -9) loses at most the records
 of the last flush window; the writer still commits every batch it was sent. A writer that
 dies is restarted and its unanswered batch sent again. `close()` flushes everything.
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -58,11 +60,13 @@ class EventLog:
 
     def __init__(self, path: str | Path, *, flush_interval_s: float = 0.2, recent_ids: int = 200_000,
                  max_rows_per_statement: int = store_writer.MAX_ROWS_PER_STATEMENT, writer_priority: str = "idle",
-                 writer_starved_s: float | None = None, writer_normal_for_s: float = WRITER_NORMAL_FOR_S) -> None:
+                 writer_starved_s: float | None = None, writer_normal_for_s: float = WRITER_NORMAL_FOR_S,
+                 rows_codec: str | None = None) -> None:
         if writer_priority not in store_writer.PRIORITIES:
             raise ValueError(f"writer_priority must be one of {store_writer.PRIORITIES}, got {writer_priority!r}")
         self.path = Path(path)
         self.flush_interval_s = flush_interval_s
+        self.rows_codec = store_writer.rows_codec(rows_codec)  # None: the fastest built here
         self.writer_priority = writer_priority  # as configured; `running_priority` is the writer's now
         self.running_priority: str | None = None
         self._writer_starved_s = max(WRITER_STARVED_S, flush_interval_s) if writer_starved_s is None else writer_starved_s
@@ -196,12 +200,15 @@ class EventLog:
                         raise
                     inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
             except ValueError:
-                # A record marshal cannot carry (not a plain str/int/float/None): the batch stopped
+                # A record that cannot be sent (not a plain str/int/float/None): the batch stopped
                 # half-sent, so the writer, which wrote nothing of it, is replaced; the other
                 # records go again with the next flush.
                 self._stop_writer()
-                requests = [column for row in self._drop_unsendable("requests", store_writer.request_rows(requests)) for column in row]
-                feedback, configs = (self._drop_unsendable(table, rows) for table, rows in
+                encode = self.rows_codec.encode
+                sendable = self._drop_unsendable("requests", store_writer.request_rows(requests),
+                                                 lambda row: encode(list(row), 0, REQUEST_WIDTH))
+                requests = [column for row in sendable for column in row]
+                feedback, configs = (self._drop_unsendable(table, rows, marshal.dumps) for table, rows in
                                      (("feedback", feedback), ("configs", configs)))
                 error = "a record could not be sent to the store writer"
             except (WriterGone, OSError) as exc:
@@ -284,12 +291,13 @@ class EventLog:
             self._committed = tuple(generations)
         self._sending = ()
 
-    def _drop_unsendable(self, table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """The rows marshal can carry; the others are logged and counted as rejected."""
+    def _drop_unsendable(self, table: str, rows: list[tuple[Any, ...]],
+                         encode: Callable[[tuple[Any, ...]], object]) -> list[tuple[Any, ...]]:
+        """The rows `encode` can carry; the others are logged and counted as rejected."""
         kept = []
         for row in rows:
             try:
-                marshal.dumps(row)
+                encode(row)
             except ValueError as exc:
                 self.rejected_records += 1
                 logger.error("a %s record cannot be stored and was dropped: %s: %r", table, exc, row)
@@ -304,14 +312,15 @@ class EventLog:
         assert process.stdin is not None and process.stdout is not None
         frame = ROWS_PER_FRAME * REQUEST_WIDTH
         chunks = range(0, len(requests), frame)
+        codec = self.rows_codec
         # A starved writer blocks the pipe's writes as well as its answer: the watchdog covers both.
         watched = self.running_priority == "idle"
         if watched:
             self._set_watch(process)
         try:
-            store_writer.write_frame(process.stdin, (len(chunks), feedback, configs))
+            store_writer.write_frame(process.stdin, (len(chunks), feedback, configs, codec.name))
             for start in chunks:
-                store_writer.write_frame(process.stdin, requests[start:start + frame])
+                store_writer.write_bytes_frame(process.stdin, codec.encode(requests, start, start + frame))
             process.stdin.flush()
             inserted, written_feedback, rejected, error = store_writer.read_frame(process.stdout)
         except (BrokenPipeError, EOFError) as exc:

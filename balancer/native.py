@@ -33,6 +33,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # Everything a proxied request runs.
 COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "assignment", "metrics", "events",
                     "upstreams", "runtime")
+# Extensions written in C, built alongside (`balancer/<name>.c` -> `balancer.<name>`); with no build of their
+# current source, the code that uses them falls back to the standard library (see store_writer.rows_codec).
+C_EXTENSIONS = ("_rows",)
 MANIFEST = "native.json"
 GROUP = f"{PACKAGE}.native_group"  # one shared library: calls between the modules stay native
 PURE_ENVIRONMENT = "BALANCER_PURE_PYTHON"  # set: run the sources even where a build is current
@@ -48,8 +51,12 @@ def is_set(environ: Mapping[str, str], name: str) -> bool:
 
 
 def source_digests(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
-    """SHA-256 of each compiled module's source."""
-    return {name: hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest() for name in COMPILED_MODULES}
+    """SHA-256 of each compiled module's source, and of each C extension's (keyed by its file name)."""
+    digests = {name: hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest() for name in COMPILED_MODULES}
+    for name in C_EXTENSIONS:
+        source = package_dir / f"{name}.c"
+        digests[source.name] = hashlib.sha256(source.read_bytes()).hexdigest() if source.exists() else "missing"
+    return digests
 
 
 def extensions(package_dir: Path = PACKAGE_DIR) -> list[Path]:
@@ -69,7 +76,7 @@ def decide(package_dir: Path, environ: Mapping[str, str]) -> tuple[bool, str]:
     except (OSError, ValueError):
         return False, f"interpreted (no valid {MANIFEST}: rebuild with make native)"
     current = source_digests(package_dir)
-    changed = sorted(name for name in COMPILED_MODULES if built.get(name) != current[name])
+    changed = sorted(name for name in current if built.get(name) != current[name])
     if changed:
         return False, f"interpreted (changed since the build: {', '.join(changed)}; rebuild with make native)"
     return True, "compiled"
@@ -98,13 +105,14 @@ def select(environ: Mapping[str, str] = os.environ) -> str:
 
 
 def build(package_dir: Path = PACKAGE_DIR) -> None:
-    """Compile `COMPILED_MODULES` with mypyc, place the extensions beside their sources, record the sources' hashes.
+    """Compile `COMPILED_MODULES` with mypyc and `C_EXTENSIONS`, place the extensions beside their sources, record
+    the sources' hashes.
 
     Needs a C compiler and Python's headers. The build runs in a scratch copy of the package
     (so no project configuration of ours is read, and a failed build leaves nothing behind).
     """
     from mypyc.build import mypycify  # build-time only: mypy is not a runtime dependency
-    from setuptools import setup
+    from setuptools import Extension, setup
 
     digests = source_digests(package_dir)  # hashed before compiling: an edit during the build shows as stale
     previous = Path.cwd()
@@ -115,13 +123,16 @@ def build(package_dir: Path = PACKAGE_DIR) -> None:
         try:
             modules = mypycify(["--ignore-missing-imports", *(f"{PACKAGE}/{name}.py" for name in COMPILED_MODULES)],
                                opt_level="3", group_name=GROUP, target_dir="build/c")
+            modules += [Extension(f"{PACKAGE}.{name}", [f"{PACKAGE}/{name}.c"], extra_compile_args=["-O2"])
+                        for name in C_EXTENSIONS]
             setup(name="balancer-native", ext_modules=modules, py_modules=[],
                   script_args=["--quiet", "build_ext", "--inplace", "--build-temp", "build/objects"])
         finally:
             os.chdir(previous)
         built = extensions(workdir / PACKAGE)
-        if len(built) != len(COMPILED_MODULES) + 1:  # one per module, plus the group's shared library
-            raise RuntimeError(f"mypyc built {[path.name for path in built]}, expected {len(COMPILED_MODULES) + 1} extensions")
+        expected = len(COMPILED_MODULES) + 1 + len(C_EXTENSIONS)  # one per module, the group's shared library, the C ones
+        if len(built) != expected:
+            raise RuntimeError(f"the build made {[path.name for path in built]}, expected {expected} extensions")
         for stale in extensions(package_dir):
             stale.unlink()
         for extension in built:

@@ -7,11 +7,13 @@ writer's stdin. Binding a row's parameters in Python's sqlite3 takes the GIL for
 microseconds; in the balancer's process that stalled the event loop and cost a tenth of its
 throughput at saturation. Here it runs beside it, on another core when there is one.
 
-Messages on both pipes are frames: a 4-byte big-endian length, then a `marshal` payload (the
-two ends are the same interpreter, so the format always matches). A batch is one header frame
-`(request chunks, feedback rows, config rows)` followed by that many frames of request rows
-(chunked so the sender never holds the GIL for long), each a flat list of the rows' columns, row
-after row: the parameters of the INSERT as they are, with no tuple per row to build; the answer is one frame
+Messages on both pipes are frames: a 4-byte big-endian length, then a payload, `marshal`led unless
+said otherwise (the two ends are the same interpreter, so the format always matches). A batch is
+one header frame `(request chunks, feedback rows, config rows, rows codec)` followed by that many
+frames of request rows (chunked so the sender never holds the GIL for long), each a flat list of
+the rows' columns, row after row: the parameters of the INSERT as they are, with no tuple per row
+to build. Those frames are in the codec the header names (see `rows_codec`): `balancer/_rows.c`'s
+format where that is built from its current source, else marshal. The answer is one frame
 `(requests inserted, feedback written, rejected records, error)`. A batch is one transaction.
 When it fails with an error that may pass (the disk is full, the store is locked) nothing is
 written and `error` says why: the sender keeps the batch and retries it. When SQLite refuses a
@@ -31,6 +33,7 @@ if __name__ == "__main__":  # the writer process, one thread: before sqlite3 is 
     sqlite_single_thread.configure()
 
 import argparse
+import importlib
 import logging
 import marshal
 import os
@@ -40,9 +43,9 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import IO, Any, Final
+from typing import IO, Any, Final, NamedTuple
 
-from balancer import store
+from balancer import native, store
 
 logger = logging.getLogger(__name__)
 
@@ -214,16 +217,61 @@ class StoreWriter:
         return outcome
 
 
+class RowsCodec(NamedTuple):
+    """How request rows travel to the writer: `encode(columns, start, stop)` makes the payload of
+    `columns[start:stop]` (whole rows), raising ValueError for a value the store cannot take; `decode` undoes it."""
+
+    name: str
+    encode: Callable[[list[Any], int, int], bytes]
+    decode: Callable[[bytes], list[Any]]
+
+
+def _marshal_rows(columns: list[Any], start: int, stop: int) -> bytes:
+    return marshal.dumps(columns[start:stop])
+
+
+MARSHAL_ROWS: Final = RowsCodec("marshal", _marshal_rows, marshal.loads)
+
+
+def _native_rows() -> RowsCodec:
+    rows = importlib.import_module(f"{native.PACKAGE}._rows")
+    return RowsCodec("native", lambda columns, start, stop: rows.encode(columns, WIDTH, start, stop), rows.decode)
+
+
+ROWS_CODECS: Final = ("native", "marshal")
+
+
+def rows_codec(name: str | None = None) -> RowsCodec:
+    """The codec `name` (one of ROWS_CODECS), or (None) the fastest usable here: "native" when the C extension is
+    built from its current source and this process runs the compiled request path, else "marshal"."""
+    if name is None:
+        name = "native" if native.MODE == "compiled" else "marshal"
+    if name == "marshal":
+        return MARSHAL_ROWS
+    if name == "native":
+        return _native_rows()
+    raise ValueError(f"rows codec must be one of {ROWS_CODECS}, got {name!r}")
+
+
 def write_frame(stream: IO[bytes], payload: Any) -> None:
     """One frame: length, then the marshalled payload."""
-    data = marshal.dumps(payload)
+    write_bytes_frame(stream, marshal.dumps(payload))
+
+
+def write_bytes_frame(stream: IO[bytes], data: bytes) -> None:
+    """One frame of an encoded payload: length, then `data`."""
     stream.write(FRAME_HEADER.pack(len(data)) + data)
 
 
 def read_frame(stream: IO[bytes]) -> Any:
     """The next frame's payload; EOFError when the stream ends (cleanly or mid-frame)."""
+    return marshal.loads(read_bytes_frame(stream))
+
+
+def read_bytes_frame(stream: IO[bytes]) -> bytes:
+    """The next frame's payload, as bytes; EOFError when the stream ends (cleanly or mid-frame)."""
     header = _read_exactly(stream, FRAME_HEADER.size)
-    return marshal.loads(_read_exactly(stream, FRAME_HEADER.unpack(header)[0]))
+    return _read_exactly(stream, FRAME_HEADER.unpack(header)[0])
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -236,12 +284,16 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 def serve(incoming: IO[bytes], outgoing: IO[bytes], writer: StoreWriter) -> int:
     """Answer batches until `incoming` ends; the number of batches written."""
     batches = 0
+    codecs: dict[str, RowsCodec] = {}
     while True:
         try:
-            chunks, feedback, configs = read_frame(incoming)
+            chunks, feedback, configs, codec = read_frame(incoming)
+            if codec not in codecs:
+                codecs[codec] = rows_codec(codec)
+            decode = codecs[codec].decode
             requests: list[Any] = []
             for _ in range(chunks):
-                requests.extend(read_frame(incoming))
+                requests.extend(decode(read_bytes_frame(incoming)))
         except EOFError:
             return batches
         write_frame(outgoing, writer.write(requests, feedback, configs).as_message())

@@ -98,7 +98,7 @@ def test_a_record_the_store_refuses_is_dropped_and_reported_and_the_rest_written
         assert connection.execute("SELECT value FROM feedback").fetchall() == [(0.5,)]
 
 
-def test_a_record_marshal_cannot_carry_is_dropped_and_the_rest_written(tmp_path: Path) -> None:
+def test_a_record_that_cannot_be_sent_is_dropped_and_the_rest_written(tmp_path: Path) -> None:
     log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)
     rows = synthetic_rows(3)
     log.record_request(rows[0])

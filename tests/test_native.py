@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from balancer import native
+from tests.native_build import require_native_build
 from tests.processes import REPO
 
 EXTENSION = "proxy.cpython-311-x86_64-linux-gnu.so"
@@ -75,18 +76,8 @@ def _imported_from(environment: dict[str, str], pythonpath: Path = REPO) -> tupl
     return mode, path
 
 
-def _require_build() -> None:
-    """Skip where nothing was compiled (no C compiler), except under BALANCER_REQUIRE_NATIVE=1 (CI)."""
-    compiled, reason = native.decide(native.PACKAGE_DIR, {})
-    if compiled:
-        return
-    if native.is_set(os.environ, native.REQUIRE_ENVIRONMENT):
-        pytest.fail(f"{native.REQUIRE_ENVIRONMENT} is set but the request path is {reason}")
-    pytest.skip(f"the request path is {reason}")
-
-
 def test_the_built_tree_imports_the_extensions_unless_told_not_to() -> None:
-    _require_build()
+    require_native_build()
     mode, path = _imported_from({native.PURE_ENVIRONMENT: ""})
     assert (mode, Path(path).suffix) == ("compiled", ".so")
     mode, path = _imported_from({native.PURE_ENVIRONMENT: "1"})
@@ -94,7 +85,7 @@ def test_the_built_tree_imports_the_extensions_unless_told_not_to() -> None:
 
 
 def test_an_edit_after_the_build_never_runs_the_stale_extension(tmp_path: Path) -> None:
-    _require_build()
+    require_native_build()
     shutil.copytree(native.PACKAGE_DIR, tmp_path / "balancer", ignore=shutil.ignore_patterns("__pycache__"))
     source = tmp_path / "balancer" / "hop_headers.py"
     source.write_text(source.read_text() + "\nEDITED = True\n")
