@@ -1,19 +1,23 @@
-/* The outcome log's request rows on the pipe to the store writer: a flat list of columns, row after row.
+/* The outcome log's request rows, encoded as they are recorded: the event loop keeps ~70 bytes per request
+   instead of its row's objects until the next flush, and the store writer reads them back as the flat list of
+   columns it binds (balancer/rows.py holds the same format in Python, and the choice between the two).
 
-   `marshal` carried them before: for every object with more than one reference (each request id,
-   which the feedback map also holds; the shared experiment, variant and upstream strings; cached
-   small ints) it looked up and inserted into a hash table it built per call, about 2,300 of the
-   balancer's ~5,800 instructions per logged request (`python -m bench.instructions`). This codec
-   knows the row's shape: a value is a tag byte and its bytes, and a str or int that is the very
-   object of the same column one row up is a single byte.
+   Holding each row's objects (the id, two floats, the unit id) and the list of its columns for a flush
+   interval cost the balancer more than the instructions show: `python -m bench.compare`, both balancers on
+   one core, gave a balancer that dropped its rows 4.5 % less CPU per request than one that kept them and sent
+   nothing. `marshal`, which encoded the kept lists before, also looked up and inserted every object with more
+   than one reference (each request id, which the feedback map also holds; the shared experiment, variant and
+   upstream strings; cached small ints) into a hash table it built per call: ~1,900 instructions per row, ~450
+   with a codec that knows the row's shape.
 
-   Frame: "R", FORMAT, the row width (1 byte), the row count (4 bytes, native order: both ends run on
-   one machine), then each value:
-     NONE; SAME (the value of this column in the previous row); FLOAT + 8 bytes; INT + 8 bytes
-     (int64); ASCII + 1-byte length + bytes; TEXT + 4-byte length + UTF-8 bytes.
-   `encode` accepts only exact str, int (within int64), float and None, like the store's columns;
-   anything else raises ValueError naming the position, as marshal did for what it cannot carry.
-   `decode` checks every length and tag, and that ASCII is ASCII, before it builds an object. */
+   Frame: "R", FORMAT, the row width (1 byte), the row count (4 bytes, native order: both ends run on one
+   machine), then each value:
+     NONE; ZERO (the int 0: "no value" in the columns given as `none_as_zero`, see store_writer); SAME (the
+     value of this column in the previous row, for a str or int that is the very same object); FLOAT + 8 bytes;
+     INT + 8 bytes (int64); ASCII + 1-byte length + bytes; TEXT + 4-byte length + UTF-8 bytes.
+   `Rows.append` accepts a tuple of the row's width of exact str, int (within int64), float and None, like the
+   store's columns; anything else raises ValueError naming the column and writes nothing. `decode` checks
+   every length and tag, and that ASCII is ASCII, before it builds an object. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,149 +25,235 @@
 #include <string.h>
 
 #define MAGIC 'R'
-#define FORMAT 1
+#define FORMAT 2
 #define HEADER_SIZE 7
+#define MAX_WIDTH 255
+/* A buffer that grew past this for a backlog is freed when taken, not kept for the next rows. */
+#define KEPT_CAPACITY (4 << 20)
 
-enum { TAG_NONE = 0, TAG_SAME = 1, TAG_FLOAT = 2, TAG_INT = 3, TAG_ASCII = 4, TAG_TEXT = 5 };
+enum { TAG_NONE = 0, TAG_SAME = 1, TAG_FLOAT = 2, TAG_INT = 3, TAG_ASCII = 4, TAG_TEXT = 5, TAG_ZERO = 6 };
 
 typedef struct {
-    PyObject *bytes;
-    char *data;
+    PyObject_HEAD
+    Py_ssize_t width;
+    char none_as_zero[MAX_WIDTH];
+    char *data;  /* HEADER_SIZE bytes kept free for the frame's header, then the rows */
     Py_ssize_t used;
     Py_ssize_t capacity;
-} Buffer;
+    uint32_t rows;
+    PyObject *previous;  /* the last row appended (a tuple), or NULL */
+} Rows;
 
-static int reserve(Buffer *buffer, Py_ssize_t more) {
-    if (buffer->used + more <= buffer->capacity) {
-        return 0;
-    }
-    Py_ssize_t capacity = buffer->capacity * 2;
-    if (capacity < buffer->used + more) {
-        capacity = buffer->used + more;
-    }
-    if (_PyBytes_Resize(&buffer->bytes, capacity) < 0) {
+static int rows_init(Rows *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"width", "none_as_zero", NULL};
+    Py_ssize_t width;
+    PyObject *positions = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n|O!:Rows", keywords, &width, &PyTuple_Type, &positions)) {
         return -1;
     }
-    buffer->data = PyBytes_AS_STRING(buffer->bytes);
-    buffer->capacity = capacity;
+    if (width < 1 || width > MAX_WIDTH) {
+        PyErr_Format(PyExc_ValueError, "width must be between 1 and %d, got %zd", MAX_WIDTH, width);
+        return -1;
+    }
+    memset(self->none_as_zero, 0, sizeof(self->none_as_zero));
+    for (Py_ssize_t index = 0; positions != NULL && index < PyTuple_GET_SIZE(positions); index++) {
+        Py_ssize_t position = PyLong_AsSsize_t(PyTuple_GET_ITEM(positions, index));
+        if (position == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (position < 0 || position >= width) {
+            PyErr_Format(PyExc_ValueError, "none_as_zero position %zd is not a column of %zd", position, width);
+            return -1;
+        }
+        self->none_as_zero[position] = 1;
+    }
+    self->width = width;
+    self->used = HEADER_SIZE;
+    self->rows = 0;
+    Py_CLEAR(self->previous);
     return 0;
 }
 
-static PyObject *rows_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyList_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "encode(columns: list, width: int, start: int, stop: int)");
-        return NULL;
+static void rows_dealloc(Rows *self) {
+    Py_CLEAR(self->previous);
+    PyMem_Free(self->data);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *refuse(Py_ssize_t column, const char *what) {
+    PyErr_Format(PyExc_ValueError, "column %zd: %s", column, what);
+    return NULL;
+}
+
+/* Bytes the value takes (0 after setting an error); `*text` and `*ascii` describe a str. */
+static Py_ssize_t value_size(PyObject *value, PyObject *above, Py_ssize_t column, const char **text,
+                             Py_ssize_t *length, int *ascii) {
+    if (value == Py_None) {
+        return 1;
     }
-    PyObject *columns = args[0];
-    Py_ssize_t width = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t stop = PyLong_AsSsize_t(args[3]);
-    if (PyErr_Occurred()) {
-        return NULL;
+    if (value == above && (PyUnicode_CheckExact(value) || PyLong_CheckExact(value))) {
+        return 1;
     }
-    Py_ssize_t size = PyList_GET_SIZE(columns);
-    if (stop > size) {
-        stop = size;
+    if (PyFloat_CheckExact(value)) {
+        return 9;
     }
-    if (width < 1 || width > 255 || start < 0 || start > stop || start % width || (stop - start) % width
-            || (stop - start) / width > UINT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "cannot encode columns %zd to %zd of %zd as rows of %zd", start, stop, size, width);
-        return NULL;
-    }
-    Buffer buffer = {NULL, NULL, 0, HEADER_SIZE + (stop - start) * 12 + 64};
-    buffer.bytes = PyBytes_FromStringAndSize(NULL, buffer.capacity);
-    if (buffer.bytes == NULL) {
-        return NULL;
-    }
-    buffer.data = PyBytes_AS_STRING(buffer.bytes);
-    uint32_t rows = (uint32_t)((stop - start) / width);
-    buffer.data[0] = MAGIC;
-    buffer.data[1] = FORMAT;
-    buffer.data[2] = (char)width;
-    memcpy(buffer.data + 3, &rows, 4);
-    buffer.used = HEADER_SIZE;
-    for (Py_ssize_t index = start; index < stop; index++) {
-        PyObject *value = PyList_GET_ITEM(columns, index);
-        if (reserve(&buffer, 9) < 0) {
-            return NULL;
+    if (PyLong_CheckExact(value)) {
+        int overflow = 0;
+        PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow) {
+            refuse(column, "the integer does not fit 64 bits");
+            return 0;
         }
-        char *out = buffer.data + buffer.used;
+        return 9;
+    }
+    if (PyUnicode_CheckExact(value)) {
+        *ascii = PyUnicode_IS_ASCII(value) && PyUnicode_GET_LENGTH(value) <= 255;
+        if (*ascii) {
+            *length = PyUnicode_GET_LENGTH(value);
+            *text = (const char *)PyUnicode_1BYTE_DATA(value);
+            return 2 + *length;
+        }
+        *text = PyUnicode_AsUTF8AndSize(value, length);
+        if (*text == NULL) {  /* a lone surrogate: no UTF-8 for it, and SQLite could not store it either */
+            PyErr_Clear();
+            refuse(column, "the text is not valid Unicode");
+            return 0;
+        }
+        if (*length > UINT32_MAX) {
+            refuse(column, "the text is too long");
+            return 0;
+        }
+        return 5 + *length;
+    }
+    PyErr_Format(PyExc_ValueError, "column %zd: a %.100s cannot be stored (str, int, float or None)", column,
+                 Py_TYPE(value)->tp_name);
+    return 0;
+}
+
+static PyObject *rows_append(Rows *self, PyObject *row) {
+    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != self->width) {
+        PyErr_Format(PyExc_ValueError, "a row is a tuple of %zd columns, got %.100s of %zd", self->width,
+                     Py_TYPE(row)->tp_name, PyTuple_Check(row) ? PyTuple_GET_SIZE(row) : (Py_ssize_t)-1);
+        return NULL;
+    }
+    if (self->rows == UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "too many rows for one frame: take them first");
+        return NULL;
+    }
+    PyObject *previous = self->previous;
+    const char *texts[MAX_WIDTH];
+    Py_ssize_t lengths[MAX_WIDTH];
+    int asciis[MAX_WIDTH];
+    Py_ssize_t size = 0;
+    for (Py_ssize_t column = 0; column < self->width; column++) {
+        PyObject *above = previous == NULL ? NULL : PyTuple_GET_ITEM(previous, column);
+        Py_ssize_t bytes = value_size(PyTuple_GET_ITEM(row, column), above, column, &texts[column],
+                                      &lengths[column], &asciis[column]);
+        if (bytes == 0) {
+            return NULL;  /* nothing written */
+        }
+        size += bytes;
+    }
+    if (self->used + size > self->capacity) {
+        Py_ssize_t capacity = self->capacity * 2;
+        if (capacity < self->used + size) {
+            capacity = self->used + size + 4096;
+        }
+        char *data = PyMem_Realloc(self->data, capacity);
+        if (data == NULL) {
+            return PyErr_NoMemory();
+        }
+        self->data = data;
+        self->capacity = capacity;
+    }
+    char *out = self->data + self->used;
+    for (Py_ssize_t column = 0; column < self->width; column++) {
+        PyObject *value = PyTuple_GET_ITEM(row, column);
         if (value == Py_None) {
-            out[0] = TAG_NONE;
-            buffer.used += 1;
-        } else if (index - start >= width && value == PyList_GET_ITEM(columns, index - width)
+            *out++ = self->none_as_zero[column] ? TAG_ZERO : TAG_NONE;
+        } else if (previous != NULL && value == PyTuple_GET_ITEM(previous, column)
                    && (PyUnicode_CheckExact(value) || PyLong_CheckExact(value))) {
-            out[0] = TAG_SAME;
-            buffer.used += 1;
+            *out++ = TAG_SAME;
         } else if (PyFloat_CheckExact(value)) {
             double number = PyFloat_AS_DOUBLE(value);
-            out[0] = TAG_FLOAT;
-            memcpy(out + 1, &number, 8);
-            buffer.used += 9;
+            *out++ = TAG_FLOAT;
+            memcpy(out, &number, 8);
+            out += 8;
         } else if (PyLong_CheckExact(value)) {
-            int overflow = 0;
-            long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
-            if (overflow) {
-                Py_DECREF(buffer.bytes);
-                PyErr_Format(PyExc_ValueError, "column %zd of row %zd: the integer does not fit 64 bits",
-                             (index - start) % width, (index - start) / width);
-                return NULL;
-            }
-            int64_t fixed = (int64_t)number;
-            out[0] = TAG_INT;
-            memcpy(out + 1, &fixed, 8);
-            buffer.used += 9;
-        } else if (PyUnicode_CheckExact(value)) {
-            Py_ssize_t length;
-            const char *text;
-            int ascii = PyUnicode_IS_ASCII(value) && PyUnicode_GET_LENGTH(value) <= 255;
-            if (ascii) {
-                length = PyUnicode_GET_LENGTH(value);
-                text = (const char *)PyUnicode_1BYTE_DATA(value);
-            } else {
-                text = PyUnicode_AsUTF8AndSize(value, &length);
-                if (text == NULL) {  /* a lone surrogate: no UTF-8 for it, and SQLite could not store it either */
-                    Py_DECREF(buffer.bytes);
-                    PyErr_Clear();
-                    PyErr_Format(PyExc_ValueError, "column %zd of row %zd: the text is not valid Unicode",
-                                 (index - start) % width, (index - start) / width);
-                    return NULL;
-                }
-                if (length > UINT32_MAX) {
-                    Py_DECREF(buffer.bytes);
-                    PyErr_Format(PyExc_ValueError, "column %zd of row %zd: the text is too long",
-                                 (index - start) % width, (index - start) / width);
-                    return NULL;
-                }
-            }
-            if (reserve(&buffer, 5 + length) < 0) {
-                return NULL;
-            }
-            out = buffer.data + buffer.used;
-            if (ascii) {
-                out[0] = TAG_ASCII;
-                out[1] = (char)(unsigned char)length;
-                memcpy(out + 2, text, length);
-                buffer.used += 2 + length;
-            } else {
-                uint32_t size32 = (uint32_t)length;
-                out[0] = TAG_TEXT;
-                memcpy(out + 1, &size32, 4);
-                memcpy(out + 5, text, length);
-                buffer.used += 5 + length;
-            }
+            int64_t number = (int64_t)PyLong_AsLongLong(value);  /* fits: checked above */
+            *out++ = TAG_INT;
+            memcpy(out, &number, 8);
+            out += 8;
+        } else if (asciis[column]) {
+            *out++ = TAG_ASCII;
+            *out++ = (char)(unsigned char)lengths[column];
+            memcpy(out, texts[column], lengths[column]);
+            out += lengths[column];
         } else {
-            Py_DECREF(buffer.bytes);
-            PyErr_Format(PyExc_ValueError, "column %zd of row %zd: a %.100s cannot be stored (str, int, float or None)",
-                         (index - start) % width, (index - start) / width, Py_TYPE(value)->tp_name);
-            return NULL;
+            uint32_t length = (uint32_t)lengths[column];
+            *out++ = TAG_TEXT;
+            memcpy(out, &length, 4);
+            memcpy(out + 4, texts[column], lengths[column]);
+            out += 4 + lengths[column];
         }
     }
-    if (_PyBytes_Resize(&buffer.bytes, buffer.used) < 0) {
+    self->used += size;
+    self->rows += 1;
+    Py_INCREF(row);
+    Py_XSETREF(self->previous, row);
+    Py_RETURN_NONE;
+}
+
+static PyObject *rows_take(Rows *self, PyObject *unused) {
+    if (self->rows == 0) {
+        return Py_BuildValue("(y#I)", "", (Py_ssize_t)0, 0u);
+    }
+    self->data[0] = MAGIC;
+    self->data[1] = FORMAT;
+    self->data[2] = (char)self->width;
+    memcpy(self->data + 3, &self->rows, 4);
+    PyObject *taken = Py_BuildValue("(y#I)", self->data, self->used, self->rows);
+    if (taken == NULL) {
         return NULL;
     }
-    return buffer.bytes;
+    self->used = HEADER_SIZE;
+    self->rows = 0;
+    Py_CLEAR(self->previous);
+    if (self->capacity > KEPT_CAPACITY) {
+        PyMem_Free(self->data);
+        self->data = NULL;
+        self->capacity = 0;
+    }
+    return taken;
 }
+
+static Py_ssize_t rows_length(Rows *self) {
+    return self->rows;
+}
+
+static PyMethodDef rows_type_methods[] = {
+    {"append", (PyCFunction)rows_append, METH_O,
+     "append(row): encode one row (a tuple of the width's values); ValueError, and nothing written, for a value "
+     "the store cannot take."},
+    {"take", (PyCFunction)rows_take, METH_NOARGS,
+     "take() -> (frame, rows): the rows appended since the last take, as one frame for `decode`; then empty."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods rows_sequence = {.sq_length = (lenfunc)rows_length};
+
+static PyTypeObject RowsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "balancer._rows.Rows",
+    .tp_doc = "Rows(width, none_as_zero=()): request rows encoded as they are appended; len() is how many.",
+    .tp_basicsize = sizeof(Rows),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)rows_init,
+    .tp_dealloc = (destructor)rows_dealloc,
+    .tp_methods = rows_type_methods,
+    .tp_as_sequence = &rows_sequence,
+};
 
 static PyObject *corrupt(PyObject *list, Py_ssize_t offset, const char *what) {
     Py_XDECREF(list);
@@ -206,6 +296,9 @@ static PyObject *rows_decode(PyObject *module, PyObject *argument) {
         switch (tag) {
         case TAG_NONE:
             value = Py_NewRef(Py_None);
+            break;
+        case TAG_ZERO:
+            value = PyLong_FromLong(0);
             break;
         case TAG_SAME:
             if (index < width) {
@@ -285,17 +378,27 @@ static PyObject *rows_decode(PyObject *module, PyObject *argument) {
 }
 
 static PyMethodDef rows_methods[] = {
-    {"encode", (PyCFunction)(void (*)(void))rows_encode, METH_FASTCALL,
-     "encode(columns, width, start, stop) -> bytes: columns[start:stop], rows of `width`, as one frame."},
-    {"decode", rows_decode, METH_O, "decode(frame) -> list: the columns `encode` was given, row after row."},
+    {"decode", rows_decode, METH_O, "decode(frame) -> list: the rows' columns, row after row."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef rows_module = {
     PyModuleDef_HEAD_INIT, "balancer._rows",
-    "The store writer's request rows codec (see balancer/_rows.c).", -1, rows_methods,
+    "The outcome log's request rows, encoded as they are recorded (see balancer/_rows.c).", -1, rows_methods,
 };
 
 PyMODINIT_FUNC PyInit__rows(void) {
-    return PyModule_Create(&rows_module);
+    if (PyType_Ready(&RowsType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&rows_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Rows", (PyObject *)&RowsType) < 0
+            || PyModule_AddIntConstant(module, "FORMAT", FORMAT) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -1,12 +1,11 @@
 """The durable outcome log: request records and feedback, queued on the event loop, committed by a writer process.
 
-The event loop only appends to in-memory lists (no I/O, no locks): a request row's columns go
-straight onto one flat list, so no tuple per row lives until the flush (allocating, marshalling
-and freeing those cost the balancer ~1 µs per request). A sender thread
-swaps the lists every `flush_interval_s` and hands them to the store's writer process
+The event loop only appends in memory (no I/O, no locks): a request row is encoded as it is
+recorded, ~70 bytes onto one buffer (`balancer.rows`), so none of its objects lives until the
+flush; feedback and config records go onto lists. A sender thread takes the buffer and swaps
+the lists every `flush_interval_s` and hands them to the store's writer process
 (`balancer.store_writer`), which commits each batch in one SQLite transaction and answers
-with what it stored. Request rows travel in `balancer/_rows.c`'s format where it is built (see
-`store_writer.rows_codec`). SQLite's work, and the GIL it holds while binding parameters, stays
+with what it stored. SQLite's work, and the GIL it holds while binding parameters, stays
 out of the balancer's process. A crash of the balancer (kill -9) loses at most the records
 of the last flush window; the writer still commits every batch it was sent. A writer that
 dies is restarted and its unanswered batch sent again. `close()` flushes everything.
@@ -23,23 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Final
 
+from balancer import rows as encoded_rows
 from balancer import store, store_writer
 
 logger = logging.getLogger(__name__)
 
-# Request rows go to the writer in frames of this many: serializing one holds the GIL, so
-# the event loop waits at most one frame's worth (tens of microseconds), not a whole batch's.
-ROWS_PER_FRAME = 256
-REQUEST_WIDTH: Final = 11
-UPSTREAM_AT: Final = 5
-UNIT_ID_AT: Final = 7
-ERROR_AT: Final = 10
-if (REQUEST_WIDTH, UPSTREAM_AT, UNIT_ID_AT, ERROR_AT) != (len(store.REQUEST_COLUMNS), *store_writer.NULLABLE_POSITIONS):
-    raise ImportError("balancer.events' column positions do not match store.REQUEST_COLUMNS")  # not `assert`: kept under -O
+REQUEST_WIDTH: Final = len(store.REQUEST_COLUMNS)
 WRITER_STOP_TIMEOUT_S = 30.0
 # Committed request ids are remembered in about this many dicts (see EventLog.__init__).
 COMMITTED_GENERATIONS = 8
@@ -60,13 +51,11 @@ class EventLog:
 
     def __init__(self, path: str | Path, *, flush_interval_s: float = 0.2, recent_ids: int = 200_000,
                  max_rows_per_statement: int = store_writer.MAX_ROWS_PER_STATEMENT, writer_priority: str = "idle",
-                 writer_starved_s: float | None = None, writer_normal_for_s: float = WRITER_NORMAL_FOR_S,
-                 rows_codec: str | None = None) -> None:
+                 writer_starved_s: float | None = None, writer_normal_for_s: float = WRITER_NORMAL_FOR_S) -> None:
         if writer_priority not in store_writer.PRIORITIES:
             raise ValueError(f"writer_priority must be one of {store_writer.PRIORITIES}, got {writer_priority!r}")
         self.path = Path(path)
         self.flush_interval_s = flush_interval_s
-        self.rows_codec = store_writer.rows_codec(rows_codec)  # None: the fastest built here
         self.writer_priority = writer_priority  # as configured; `running_priority` is the writer's now
         self.running_priority: str | None = None
         self._writer_starved_s = max(WRITER_STARVED_S, flush_interval_s) if writer_starved_s is None else writer_starved_s
@@ -83,8 +72,11 @@ class EventLog:
         self._max_rows_per_statement = max_rows_per_statement
         self._reader = store.connect(self.path)  # creates the schema: a store that cannot be opened fails here
         self._process: subprocess.Popen[bytes] | None = None
-        self._requests: list[Any] = []  # the columns of every buffered request row, row after row
-        self._malformed: list[tuple[Any, ...]] = []
+        # The request rows recorded since the last flush, encoded ("no value" in the nullable text columns as 0,
+        # see store_writer), and the frames of rows taken from it but not yet committed (kept after a failure).
+        self._rows: Any = encoded_rows.implementation().Rows(REQUEST_WIDTH, store_writer.NULLABLE_POSITIONS)
+        self._frames: list[tuple[bytes, int]] = []
+        self._malformed: list[tuple[tuple[Any, ...], str]] = []  # (row, why it cannot be stored)
         self._feedback: list[tuple[str, float, float]] = []
         self._configs: list[tuple[Any, ...]] = []
         # Request id -> variant, so feedback joins without reading the store. Every id not yet
@@ -120,19 +112,11 @@ class EventLog:
     # hot path: called on the event loop, no I/O
     def record_request(self, row: tuple[Any, ...]) -> None:
         """Queue one request record (columns in `store.REQUEST_COLUMNS` order)."""
-        if len(row) != REQUEST_WIDTH:  # in the flat list it would shift every later row's columns
-            self._malformed.append(row)  # refused at the next flush, like a record the store refuses
+        try:
+            self._rows.append(row)
+        except (ValueError, OverflowError) as exc:  # the wrong width, or a value no column takes: nothing was written
+            self._malformed.append((row, f"{type(exc).__name__}: {exc}"))  # refused at the next flush, and reported
             return
-        requests = self._requests
-        requests.extend(row)
-        # "No value" goes to the writer as 0 (see store_writer), by constant positions: mypyc then indexes
-        # unboxed, where a loop over `store_writer.NULLABLE_POSITIONS` cost ~800 instructions a row.
-        if row[UPSTREAM_AT] is None:
-            requests[UPSTREAM_AT - REQUEST_WIDTH] = 0
-        if row[UNIT_ID_AT] is None:
-            requests[UNIT_ID_AT - REQUEST_WIDTH] = 0
-        if row[ERROR_AT] is None:
-            requests[ERROR_AT - REQUEST_WIDTH] = 0
         self._unsent[row[0]] = row[4]
 
     def record_feedback(self, request_id: str, value: float) -> None:
@@ -179,36 +163,34 @@ class EventLog:
     def flush(self) -> None:
         """Commit everything buffered so far. Blocking; safe from any thread."""
         with self._flush_lock:
-            requests, self._requests = self._requests, []
+            frame, count = self._rows.take()
+            frames, self._frames = self._frames, []
+            if count:
+                frames.append((frame, count))
             feedback, self._feedback = self._feedback, []
             configs, self._configs = self._configs, []
             if self._unsent:  # a failed batch's ids stay in `_sending` until it is committed
                 self._sending = (*self._sending, self._unsent)
                 self._unsent = {}
             malformed, self._malformed = self._malformed, []
-            refused = [("requests", repr(row)[:500], f"ValueError: {len(row)} columns, expected {REQUEST_WIDTH}")
-                       for row in malformed]
-            if not (requests or feedback or configs):
+            refused = [("requests", repr(row)[:500], reason) for row, reason in malformed]
+            if not (frames or feedback or configs):
                 self._report_rejected(refused)
                 return
-            self._in_exchange = len(requests) // REQUEST_WIDTH + len(feedback)
+            rows = sum(count for _, count in frames)
+            self._in_exchange = rows + len(feedback)
             try:
                 try:
-                    inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
+                    inserted, written_feedback, rejected, error = self._exchange(frames, feedback, configs)
                 except WriterGone:
                     if not self._escalated():
                         raise
-                    inserted, written_feedback, rejected, error = self._exchange(requests, feedback, configs)
+                    inserted, written_feedback, rejected, error = self._exchange(frames, feedback, configs)
             except ValueError:
-                # A record that cannot be sent (not a plain str/int/float/None): the batch stopped
-                # half-sent, so the writer, which wrote nothing of it, is replaced; the other
-                # records go again with the next flush.
+                # A feedback or config record marshal cannot carry: the batch stopped half-sent, so the
+                # writer, which wrote nothing of it, is replaced; the other records go again with the next flush.
                 self._stop_writer()
-                encode = self.rows_codec.encode
-                sendable = self._drop_unsendable("requests", store_writer.request_rows(requests),
-                                                 lambda row: encode(list(row), 0, REQUEST_WIDTH))
-                requests = [column for row in sendable for column in row]
-                feedback, configs = (self._drop_unsendable(table, rows, marshal.dumps) for table, rows in
+                feedback, configs = (self._drop_unsendable(table, records) for table, records in
                                      (("feedback", feedback), ("configs", configs)))
                 error = "a record could not be sent to the store writer"
             except (WriterGone, OSError) as exc:
@@ -220,14 +202,12 @@ class EventLog:
                 # Keep the batch for the next attempt rather than lose it.
                 self._report_rejected(refused)
                 self.last_error = error
-                logger.error("writing %d records to %s failed: %s; will retry", len(requests) // REQUEST_WIDTH + len(feedback),
-                             self.path, error)
-                self._requests[:0] = requests
+                logger.error("writing %d records to %s failed: %s; will retry", rows + len(feedback), self.path, error)
+                self._frames = frames
                 self._feedback[:0] = feedback
                 self._configs[:0] = configs
                 return
             rejected_requests = sum(1 for table, _, _ in rejected if table == "requests")
-            rows = len(requests) // REQUEST_WIDTH
             self.written_requests += rows - rejected_requests
             self.duplicate_requests += rows - rejected_requests - inserted
             self.written_feedback += written_feedback
@@ -270,12 +250,13 @@ class EventLog:
         return True
 
     def _report_rejected(self, rejected: list[tuple[str, str, str]]) -> None:
-        """Log and count records the store refused (table, record, reason); they are not retried."""
+        """Log and count records refused (table, record, reason), by the store or before (a row of the wrong width or
+        with a value no column takes); they are not retried."""
         self.rejected_records += len(rejected)
         for table, record, reason in rejected:
-            logger.error("the store refused a %s record and it was dropped: %s: %s", table, reason, record)
+            logger.error("a %s record cannot be stored and was dropped: %s: %s", table, reason, record)
         if rejected:
-            self.last_error = f"{len(rejected)} records refused by the store, last: {rejected[-1][2]}"
+            self.last_error = f"{len(rejected)} records refused, last: {rejected[-1][2]}"
 
     def _remember_committed(self) -> None:
         """Move the committed batches' ids from `_sending` to `_committed`, forgetting the oldest beyond `recent_ids`."""
@@ -291,13 +272,12 @@ class EventLog:
             self._committed = tuple(generations)
         self._sending = ()
 
-    def _drop_unsendable(self, table: str, rows: list[tuple[Any, ...]],
-                         encode: Callable[[tuple[Any, ...]], object]) -> list[tuple[Any, ...]]:
-        """The rows `encode` can carry; the others are logged and counted as rejected."""
+    def _drop_unsendable(self, table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The rows marshal can carry; the others are logged and counted as rejected."""
         kept = []
         for row in rows:
             try:
-                encode(row)
+                marshal.dumps(row)
             except ValueError as exc:
                 self.rejected_records += 1
                 logger.error("a %s record cannot be stored and was dropped: %s: %r", table, exc, row)
@@ -305,22 +285,19 @@ class EventLog:
                 kept.append(row)
         return kept
 
-    def _exchange(self, requests: list[Any], feedback: list[tuple[str, float, float]],
+    def _exchange(self, frames: list[tuple[bytes, int]], feedback: list[tuple[str, float, float]],
                   configs: list[tuple[Any, ...]]) -> tuple[int, int, list[tuple[str, str, str]], str | None]:
         """Send one batch to the writer and wait for its answer (the pipe I/O lets the event loop run)."""
         process = self._writer_process()
         assert process.stdin is not None and process.stdout is not None
-        frame = ROWS_PER_FRAME * REQUEST_WIDTH
-        chunks = range(0, len(requests), frame)
-        codec = self.rows_codec
         # A starved writer blocks the pipe's writes as well as its answer: the watchdog covers both.
         watched = self.running_priority == "idle"
         if watched:
             self._set_watch(process)
         try:
-            store_writer.write_frame(process.stdin, (len(chunks), feedback, configs, codec.name))
-            for start in chunks:
-                store_writer.write_bytes_frame(process.stdin, codec.encode(requests, start, start + frame))
+            store_writer.write_frame(process.stdin, (len(frames), feedback, configs))
+            for frame, _ in frames:
+                store_writer.write_bytes_frame(process.stdin, frame)
             process.stdin.flush()
             inserted, written_feedback, rejected, error = store_writer.read_frame(process.stdout)
         except (BrokenPipeError, EOFError) as exc:
@@ -396,7 +373,7 @@ class EventLog:
     @property
     def pending(self) -> int:
         """Records buffered or being written, not yet committed."""
-        return len(self._requests) // REQUEST_WIDTH + len(self._feedback) + self._in_exchange
+        return len(self._rows) + sum(count for _, count in self._frames) + len(self._feedback) + self._in_exchange
 
 
 def _close_quietly(stream: IO[bytes] | None) -> None:

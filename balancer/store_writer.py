@@ -9,11 +9,10 @@ throughput at saturation. Here it runs beside it, on another core when there is 
 
 Messages on both pipes are frames: a 4-byte big-endian length, then a payload, `marshal`led unless
 said otherwise (the two ends are the same interpreter, so the format always matches). A batch is
-one header frame `(request chunks, feedback rows, config rows, rows codec)` followed by that many
-frames of request rows (chunked so the sender never holds the GIL for long), each a flat list of
-the rows' columns, row after row: the parameters of the INSERT as they are, with no tuple per row
-to build. Those frames are in the codec the header names (see `rows_codec`): `balancer/_rows.c`'s
-format where that is built from its current source, else marshal. The answer is one frame
+one header frame `(request frames, feedback rows, config rows)` followed by that many frames of
+request rows in `balancer/_rows.c`'s format, encoded by the balancer as it recorded them (see
+`balancer.rows`). They decode to a flat list of the rows' columns, row after row: the parameters
+of the INSERT as they are, with no tuple per row to build. The answer is one frame
 `(requests inserted, feedback written, rejected records, error)`. A batch is one transaction.
 When it fails with an error that may pass (the disk is full, the store is locked) nothing is
 written and `error` says why: the sender keeps the batch and retries it. When SQLite refuses a
@@ -33,7 +32,6 @@ if __name__ == "__main__":  # the writer process, one thread: before sqlite3 is 
     sqlite_single_thread.configure()
 
 import argparse
-import importlib
 import logging
 import marshal
 import os
@@ -43,9 +41,10 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import IO, Any, Final, NamedTuple
+from typing import IO, Any, Final
 
-from balancer import native, store
+from balancer import rows as encoded_rows
+from balancer import store
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,8 @@ ROW_LIMIT = 32_766 // len(store.REQUEST_COLUMNS)  # rows of the largest statemen
 # about 3,000 instructions per None, more than the rest of the row. So the nullable text
 # columns bind the integer 0 for "no value" and the statement turns it back into NULL with
 # NULLIF(?, 0); a text value never equals the integer 0, so nothing else can become NULL.
-# `EventLog.record_request` swaps None for 0 as a row is recorded (a few instructions there,
-# against a Python loop over every column of the batch here).
+# The balancer encodes a None in these columns as 0 as it records the row (`balancer.rows.Rows`'
+# `none_as_zero`), which costs nothing there, against a Python loop over every column of the batch here.
 NULLABLE_TEXT_COLUMNS = ("upstream", "unit_id", "error")
 NULLABLE_POSITIONS: Final = tuple(store.REQUEST_COLUMNS.index(name) for name in NULLABLE_TEXT_COLUMNS)
 _ROW_PLACEHOLDERS = "(" + ", ".join(
@@ -217,42 +216,6 @@ class StoreWriter:
         return outcome
 
 
-class RowsCodec(NamedTuple):
-    """How request rows travel to the writer: `encode(columns, start, stop)` makes the payload of
-    `columns[start:stop]` (whole rows), raising ValueError for a value the store cannot take; `decode` undoes it."""
-
-    name: str
-    encode: Callable[[list[Any], int, int], bytes]
-    decode: Callable[[bytes], list[Any]]
-
-
-def _marshal_rows(columns: list[Any], start: int, stop: int) -> bytes:
-    return marshal.dumps(columns[start:stop])
-
-
-MARSHAL_ROWS: Final = RowsCodec("marshal", _marshal_rows, marshal.loads)
-
-
-def _native_rows() -> RowsCodec:
-    rows = importlib.import_module(f"{native.PACKAGE}._rows")
-    return RowsCodec("native", lambda columns, start, stop: rows.encode(columns, WIDTH, start, stop), rows.decode)
-
-
-ROWS_CODECS: Final = ("native", "marshal")
-
-
-def rows_codec(name: str | None = None) -> RowsCodec:
-    """The codec `name` (one of ROWS_CODECS), or (None) the fastest usable here: "native" when the C extension is
-    built from its current source and this process runs the compiled request path, else "marshal"."""
-    if name is None:
-        name = "native" if native.MODE == "compiled" else "marshal"
-    if name == "marshal":
-        return MARSHAL_ROWS
-    if name == "native":
-        return _native_rows()
-    raise ValueError(f"rows codec must be one of {ROWS_CODECS}, got {name!r}")
-
-
 def write_frame(stream: IO[bytes], payload: Any) -> None:
     """One frame: length, then the marshalled payload."""
     write_bytes_frame(stream, marshal.dumps(payload))
@@ -284,13 +247,10 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 def serve(incoming: IO[bytes], outgoing: IO[bytes], writer: StoreWriter) -> int:
     """Answer batches until `incoming` ends; the number of batches written."""
     batches = 0
-    codecs: dict[str, RowsCodec] = {}
+    decode = encoded_rows.implementation().decode
     while True:
         try:
-            chunks, feedback, configs, codec = read_frame(incoming)
-            if codec not in codecs:
-                codecs[codec] = rows_codec(codec)
-            decode = codecs[codec].decode
+            chunks, feedback, configs = read_frame(incoming)
             requests: list[Any] = []
             for _ in range(chunks):
                 requests.extend(decode(read_bytes_frame(incoming)))
