@@ -5,7 +5,8 @@
 While Python's sqlite3 binds a statement's parameters it holds the GIL, and C code does not
 hand it back, so when that happens in the balancer's process the event loop cannot run: every
 request waiting on it is delayed. The balancer therefore commits from a writer process
-(`balancer.store_writer`); in its own process only serializing a frame of rows holds the GIL.
+(`balancer.store_writer`); in its own process only encoding each row as it is recorded, and copying
+the encoded rows out at each flush, holds the GIL.
 This runs an event loop that records a request row at `--rate` rows per second and otherwise
 spins, noting every gap between two of its iterations; a gap over 1 ms is a stall. One run
 goes through the real `EventLog`, one through a thread in the same process calling the same
