@@ -190,8 +190,8 @@ class EventLog:
                 # A feedback or config record marshal cannot carry: the batch stopped half-sent, so the
                 # writer, which wrote nothing of it, is replaced; the other records go again with the next flush.
                 self._stop_writer()
-                feedback, configs = (self._drop_unsendable(table, records) for table, records in
-                                     (("feedback", feedback), ("configs", configs)))
+                feedback = self._drop_unsendable("feedback", feedback)
+                configs = self._drop_unsendable("configs", configs)
                 error = "a record could not be sent to the store writer"
             except (WriterGone, OSError) as exc:
                 error = f"the store writer failed: {exc}"

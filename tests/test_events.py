@@ -111,6 +111,21 @@ def test_a_record_that_cannot_be_sent_is_dropped_and_the_rest_written(tmp_path: 
     log.close()
 
 
+def test_a_config_record_marshal_cannot_carry_is_dropped_and_the_batch_goes_with_the_next_flush(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)
+    rows = synthetic_rows(10)
+    for row in rows:
+        log.record_request(row)
+    log.record_feedback(rows[0][0], 1.0)
+    log._configs.append((7, "hash", 0.0, object(), "running", "model_a", "{}", "body"))  # no caller makes one
+    log.flush()  # the header frame fails: nothing is sent, the writer is replaced, the rest is kept
+    assert (log.rejected_records, log.pending, log.written_requests) == (1, 11, 0)
+    assert log.last_error == "a record could not be sent to the store writer"
+    log.flush()
+    assert (log.pending, log.written_requests, log.written_feedback, log.last_error) == (0, 10, 1, None)
+    log.close()
+
+
 def test_a_writer_that_dies_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
     log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60)
     rows = iter(synthetic_rows(1500))
