@@ -8,6 +8,10 @@ compiled. Python prefers an extension over a source file of the same name, so at
 the build, or `BALANCER_PURE_PYTHON=1` is set, every module is imported from its `.py` file
 instead, and `MODE` says why. An edit therefore never runs stale compiled code.
 
+`C_EXTENSIONS` are written in C (`balancer/_rows.c`) and built in the same step; their sources
+are hashed too. Code using one asks for it only when `MODE` is "compiled", and otherwise runs
+its Python equivalent (`balancer/rows.py`).
+
 mypyc compiles only what mypy accepts, checks types at run time, and makes classes native:
 methods cannot be monkeypatched and unknown attributes cannot be set. `make bench` measures
 the compiled and interpreted request paths side by side.
