@@ -16,6 +16,7 @@ import pytest
 from balancer import native, store, store_writer
 from balancer import rows as python_rows
 from balancer.events import EventLog
+from bench import rows_codec
 from bench.store_insert import synthetic_rows
 from tests.native_build import require_native_build
 
@@ -246,3 +247,9 @@ def test_the_outcome_log_stores_the_same_rows_with_either_implementation(tmp_pat
     with sqlite3.connect(tmp_path / "outcomes.db") as connection:
         stored = connection.execute(f"SELECT {', '.join(store.REQUEST_COLUMNS)} FROM requests ORDER BY request_id").fetchall()
     assert stored == sorted(rows)
+
+
+def test_the_benchmark_times_both_implementations_where_c_is_built() -> None:
+    results = rows_codec.measure(rows=300, repeats=1)
+    assert set(results) == ({"C", "Python"} if native.decide(native.PACKAGE_DIR, {})[0] else {"Python"})
+    assert all(append > 0 and decode > 0 for append, decode in results.values())
