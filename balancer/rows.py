@@ -25,6 +25,11 @@ _INT: Final = struct.Struct("=Bq")
 _TEXT: Final = struct.Struct("=BI")
 _UINT32_MAX: Final = 2**32 - 1
 _INT64: Final = range(-(2**63), 2**63)
+_UNPACK_FLOAT: Final = struct.Struct("=d").unpack_from
+_UNPACK_INT: Final = struct.Struct("=q").unpack_from
+_UNPACK_LENGTH: Final = struct.Struct("=I").unpack_from
+_ASCII_HEADS: Final = [bytes((ASCII, length)) for length in range(256)]
+_NOTHING: Final = (object(),) * MAX_WIDTH  # "the row above" for a first row: no value is its very object
 
 
 class Rows:
@@ -37,7 +42,7 @@ class Rows:
             if not 0 <= position < width:
                 raise ValueError(f"none_as_zero position {position} is not a column of {width}")
         self.width = width
-        self._none_tags = [bytes([ZERO if column in none_as_zero else NONE]) for column in range(width)]
+        self._none_tags = [ZERO if column in none_as_zero else NONE for column in range(width)]
         self._data = bytearray(HEADER.size)
         self._rows = 0
         self._previous: tuple[Any, ...] | None = None
@@ -53,36 +58,43 @@ class Rows:
             raise ValueError(f"a row is a tuple of {self.width} columns, got {type(row).__name__} of {size}")
         if self._rows == _UINT32_MAX:
             raise OverflowError("too many rows for one frame: take them first")
-        previous = self._previous
-        encoded = bytearray()
-        for column, value in enumerate(row):
-            kind = type(value)
-            if value is None:
-                encoded += self._none_tags[column]
-            elif previous is not None and value is previous[column] and kind in (str, int):
-                encoded.append(SAME)
-            elif kind is float:
-                encoded += _FLOAT.pack(FLOAT, value)
-            elif kind is int:
-                if value not in _INT64:
-                    raise ValueError(f"column {column}: the integer does not fit 64 bits")
-                encoded += _INT.pack(INT, value)
-            elif kind is str:
-                if value.isascii() and len(value) <= 255:
-                    encoded += bytes((ASCII, len(value)))
-                    encoded += value.encode("ascii")
-                    continue
-                try:
-                    text = value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"column {column}: the text is not valid Unicode") from None
-                if len(text) > _UINT32_MAX:
-                    raise ValueError(f"column {column}: the text is too long")
-                encoded += _TEXT.pack(TEXT, len(text))
-                encoded += text
-            else:
-                raise ValueError(f"column {column}: a {kind.__name__} cannot be stored (str, int, float or None)")
-        self._data += encoded
+        previous = self._previous or _NOTHING
+        data = self._data
+        start = len(data)
+        try:  # straight onto the buffer, cut back to `start` if a value is refused
+            for column, value in enumerate(row):
+                kind = type(value)
+                if kind is str:
+                    if value is previous[column]:
+                        data.append(SAME)
+                    elif len(value) <= 255 and value.isascii():
+                        data += _ASCII_HEADS[len(value)]
+                        data += value.encode()
+                    else:
+                        try:
+                            text = value.encode()
+                        except UnicodeEncodeError:
+                            raise ValueError(f"column {column}: the text is not valid Unicode") from None
+                        if len(text) > _UINT32_MAX:
+                            raise ValueError(f"column {column}: the text is too long")
+                        data += _TEXT.pack(TEXT, len(text))
+                        data += text
+                elif kind is float:
+                    data += _FLOAT.pack(FLOAT, value)
+                elif value is None:
+                    data.append(self._none_tags[column])
+                elif kind is int:
+                    if value is previous[column]:
+                        data.append(SAME)
+                    elif value in _INT64:
+                        data += _INT.pack(INT, value)
+                    else:
+                        raise ValueError(f"column {column}: the integer does not fit 64 bits")
+                else:
+                    raise ValueError(f"column {column}: a {kind.__name__} cannot be stored (str, int, float or None)")
+        except BaseException:
+            del data[start:]
+            raise
         self._rows += 1
         self._previous = row
 
@@ -109,49 +121,47 @@ def decode(frame: bytes) -> list[Any]:
     if count > len(frame) - HEADER.size:
         raise _corrupt(3, "more rows than bytes")
     columns: list[Any] = []
+    append = columns.append
     at, size = HEADER.size, len(frame)
     for index in range(count):
         if at >= size:
             raise _corrupt(at, "it ends early")
         tag = frame[at]
         at += 1
-        value: Any
-        if tag == NONE:
-            value = None
-        elif tag == ZERO:
-            value = 0
-        elif tag == SAME:
-            if index < width:
-                raise _corrupt(at - 1, "a repeat in the first row")
-            value = columns[index - width]
-        elif tag in (FLOAT, INT):
-            if size - at < 8:
-                raise _corrupt(at, "it ends inside a number")
-            value = struct.unpack_from("=d" if tag == FLOAT else "=q", frame, at)[0]
-            at += 8
-        elif tag == ASCII:
+        if tag == ASCII:
             if at >= size or size - at - 1 < frame[at]:
                 raise _corrupt(at, "it ends inside a text")
             length = frame[at]
             at += 1
-            text = frame[at:at + length]
-            if not text.isascii():
-                offset = next(offset for offset, byte in enumerate(text) if byte & 0x80)
-                raise _corrupt(at + offset, "a non-ASCII byte in an ASCII text")
-            value = text.decode("ascii")
+            try:
+                append(frame[at:at + length].decode("ascii"))
+            except UnicodeDecodeError as exc:
+                raise _corrupt(at + exc.start, "a non-ASCII byte in an ASCII text") from None
             at += length
+        elif tag == SAME:
+            if index < width:
+                raise _corrupt(at - 1, "a repeat in the first row")
+            append(columns[index - width])
+        elif tag == FLOAT or tag == INT:
+            if size - at < 8:
+                raise _corrupt(at, "it ends inside a number")
+            append((_UNPACK_FLOAT if tag == FLOAT else _UNPACK_INT)(frame, at)[0])
+            at += 8
+        elif tag == ZERO:
+            append(0)
+        elif tag == NONE:
+            append(None)
         elif tag == TEXT:
             if size - at < 4:
                 raise _corrupt(at, "it ends inside a text's length")
-            (length,) = struct.unpack_from("=I", frame, at)
+            (length,) = _UNPACK_LENGTH(frame, at)
             at += 4
             if length > size - at:
                 raise _corrupt(at, "it ends inside a text")
-            value = bytes(frame[at:at + length]).decode("utf-8")  # UnicodeDecodeError is a ValueError
+            append(frame[at:at + length].decode())  # UnicodeDecodeError is a ValueError
             at += length
         else:
             raise _corrupt(at - 1, "an unknown tag")
-        columns.append(value)
     if at != size:
         raise _corrupt(at, "bytes after the last row")
     return columns
