@@ -1,14 +1,13 @@
-/* The outcome log's request rows, encoded as they are recorded: the event loop keeps ~70 bytes per request
+/* The outcome log's request rows, encoded as they are recorded: the event loop keeps a few dozen bytes per request
    instead of its row's objects until the next flush, and the store writer reads them back as the flat list of
    columns it binds (balancer/rows.py holds the same format in Python, and the choice between the two).
 
    Holding each row's objects (the id, two floats, the unit id) and the list of its columns for a flush
-   interval cost the balancer more than the instructions show: `python -m bench.compare`, both balancers on
-   one core, gave a balancer that dropped its rows 4.5 % less CPU per request than one that kept them and sent
-   nothing. `marshal`, which encoded the kept lists before, also looked up and inserted every object with more
-   than one reference (each request id, which the feedback map also holds; the shared experiment, variant and
-   upstream strings; cached small ints) into a hash table it built per call: ~1,900 instructions per row, ~450
-   with a codec that knows the row's shape.
+   interval cost the balancer more than their instructions show: against those rows kept on a flat list and
+   encoded at the flush, `python -m bench.compare --base fb10826` (both balancers on one core) gave 4.4 % less
+   CPU per request. `marshal`, which encoded the kept lists before that, also looked up and inserted every object
+   with more than one reference (each request id, which the feedback map also holds; the shared experiment,
+   variant and upstream strings; cached small ints) into a hash table it built per call.
 
    Frame: "R", FORMAT, the row width (1 byte), the row count (4 bytes, native order: both ends run on one
    machine), then each value:
@@ -85,45 +84,61 @@ static PyObject *refuse(Py_ssize_t column, const char *what) {
     return NULL;
 }
 
-/* Bytes the value takes (0 after setting an error); `*text` and `*ascii` describe a str. */
-static Py_ssize_t value_size(PyObject *value, PyObject *above, Py_ssize_t column, const char **text,
-                             Py_ssize_t *length, int *ascii) {
+/* How one value is written: its tag, and what follows the tag. */
+typedef struct {
+    char tag;
+    char number[8];  /* FLOAT and INT: the double or int64, as written */
+    const char *text;  /* ASCII and TEXT */
+    Py_ssize_t length;
+} Value;
+
+/* Decide how `value` is written (`above`: this column's value in the previous row, or NULL); the bytes it takes,
+   tag included, or 0 after setting an error. */
+static Py_ssize_t classify(PyObject *value, PyObject *above, const Rows *self, Py_ssize_t column, Value *out) {
     if (value == Py_None) {
+        out->tag = self->none_as_zero[column] ? TAG_ZERO : TAG_NONE;
         return 1;
     }
     if (value == above && (PyUnicode_CheckExact(value) || PyLong_CheckExact(value))) {
+        out->tag = TAG_SAME;
         return 1;
     }
     if (PyFloat_CheckExact(value)) {
+        double number = PyFloat_AS_DOUBLE(value);
+        out->tag = TAG_FLOAT;
+        memcpy(out->number, &number, 8);
         return 9;
     }
     if (PyLong_CheckExact(value)) {
         int overflow = 0;
-        PyLong_AsLongLongAndOverflow(value, &overflow);
+        int64_t number = (int64_t)PyLong_AsLongLongAndOverflow(value, &overflow);
         if (overflow) {
             refuse(column, "the integer does not fit 64 bits");
             return 0;
         }
+        out->tag = TAG_INT;
+        memcpy(out->number, &number, 8);
         return 9;
     }
     if (PyUnicode_CheckExact(value)) {
-        *ascii = PyUnicode_IS_ASCII(value) && PyUnicode_GET_LENGTH(value) <= 255;
-        if (*ascii) {
-            *length = PyUnicode_GET_LENGTH(value);
-            *text = (const char *)PyUnicode_1BYTE_DATA(value);
-            return 2 + *length;
+        if (PyUnicode_IS_ASCII(value) && PyUnicode_GET_LENGTH(value) <= 255) {
+            out->tag = TAG_ASCII;
+            out->length = PyUnicode_GET_LENGTH(value);
+            out->text = (const char *)PyUnicode_1BYTE_DATA(value);
+            return 2 + out->length;
         }
-        *text = PyUnicode_AsUTF8AndSize(value, length);
-        if (*text == NULL) {  /* a lone surrogate: no UTF-8 for it, and SQLite could not store it either */
+        out->tag = TAG_TEXT;
+        out->text = PyUnicode_AsUTF8AndSize(value, &out->length);
+        if (out->text == NULL) {  /* a lone surrogate: no UTF-8 for it, and SQLite could not store it either */
             PyErr_Clear();
             refuse(column, "the text is not valid Unicode");
             return 0;
         }
-        if (*length > UINT32_MAX) {
+        if (out->length > UINT32_MAX) {
             refuse(column, "the text is too long");
             return 0;
         }
-        return 5 + *length;
+        return 5 + out->length;
     }
     PyErr_Format(PyExc_ValueError, "column %zd: a %.100s cannot be stored (str, int, float or None)", column,
                  Py_TYPE(value)->tp_name);
@@ -140,17 +155,14 @@ static PyObject *rows_append(Rows *self, PyObject *row) {
         PyErr_SetString(PyExc_OverflowError, "too many rows for one frame: take them first");
         return NULL;
     }
-    PyObject *previous = self->previous;
-    const char *texts[MAX_WIDTH];
-    Py_ssize_t lengths[MAX_WIDTH];
-    int asciis[MAX_WIDTH];
+    /* Every value is classified before a byte is written, so a refused row leaves the buffer as it was. */
+    Value values[MAX_WIDTH];
     Py_ssize_t size = 0;
     for (Py_ssize_t column = 0; column < self->width; column++) {
-        PyObject *above = previous == NULL ? NULL : PyTuple_GET_ITEM(previous, column);
-        Py_ssize_t bytes = value_size(PyTuple_GET_ITEM(row, column), above, column, &texts[column],
-                                      &lengths[column], &asciis[column]);
+        PyObject *above = self->previous == NULL ? NULL : PyTuple_GET_ITEM(self->previous, column);
+        Py_ssize_t bytes = classify(PyTuple_GET_ITEM(row, column), above, self, column, &values[column]);
         if (bytes == 0) {
-            return NULL;  /* nothing written */
+            return NULL;
         }
         size += bytes;
     }
@@ -168,33 +180,28 @@ static PyObject *rows_append(Rows *self, PyObject *row) {
     }
     char *out = self->data + self->used;
     for (Py_ssize_t column = 0; column < self->width; column++) {
-        PyObject *value = PyTuple_GET_ITEM(row, column);
-        if (value == Py_None) {
-            *out++ = self->none_as_zero[column] ? TAG_ZERO : TAG_NONE;
-        } else if (previous != NULL && value == PyTuple_GET_ITEM(previous, column)
-                   && (PyUnicode_CheckExact(value) || PyLong_CheckExact(value))) {
-            *out++ = TAG_SAME;
-        } else if (PyFloat_CheckExact(value)) {
-            double number = PyFloat_AS_DOUBLE(value);
-            *out++ = TAG_FLOAT;
-            memcpy(out, &number, 8);
+        const Value *value = &values[column];
+        *out++ = value->tag;
+        switch (value->tag) {
+        case TAG_FLOAT:
+        case TAG_INT:
+            memcpy(out, value->number, 8);
             out += 8;
-        } else if (PyLong_CheckExact(value)) {
-            int64_t number = (int64_t)PyLong_AsLongLong(value);  /* fits: checked above */
-            *out++ = TAG_INT;
-            memcpy(out, &number, 8);
-            out += 8;
-        } else if (asciis[column]) {
-            *out++ = TAG_ASCII;
-            *out++ = (char)(unsigned char)lengths[column];
-            memcpy(out, texts[column], lengths[column]);
-            out += lengths[column];
-        } else {
-            uint32_t length = (uint32_t)lengths[column];
-            *out++ = TAG_TEXT;
+            break;
+        case TAG_ASCII:
+            *out++ = (char)(unsigned char)value->length;
+            memcpy(out, value->text, value->length);
+            out += value->length;
+            break;
+        case TAG_TEXT: {
+            uint32_t length = (uint32_t)value->length;
             memcpy(out, &length, 4);
-            memcpy(out + 4, texts[column], lengths[column]);
-            out += 4 + lengths[column];
+            memcpy(out + 4, value->text, value->length);
+            out += 4 + value->length;
+            break;
+        }
+        default:  /* NONE, ZERO, SAME: the tag is all */
+            break;
         }
     }
     self->used += size;

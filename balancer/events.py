@@ -1,7 +1,7 @@
 """The durable outcome log: request records and feedback, queued on the event loop, committed by a writer process.
 
 The event loop only appends in memory (no I/O, no locks): a request row is encoded as it is
-recorded, ~70 bytes onto one buffer (`balancer.rows`), so none of its objects lives until the
+recorded, a few dozen bytes onto one buffer (`balancer.rows`), so none of its objects lives until the
 flush; feedback and config records go onto lists. A sender thread takes the buffer and swaps
 the lists every `flush_interval_s` and hands them to the store's writer process
 (`balancer.store_writer`), which commits each batch in one SQLite transaction and answers

@@ -38,7 +38,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "assignment", "metrics", "events",
                     "upstreams", "runtime")
 # Extensions written in C, built alongside (`balancer/<name>.c` -> `balancer.<name>`); with no build of their
-# current source, the code that uses them falls back to the standard library (see store_writer.rows_codec).
+# current source, the code that uses them runs its Python equivalent (see balancer.rows.implementation).
 C_EXTENSIONS = ("_rows",)
 MANIFEST = "native.json"
 GROUP = f"{PACKAGE}.native_group"  # one shared library: calls between the modules stay native

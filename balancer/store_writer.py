@@ -250,9 +250,9 @@ def serve(incoming: IO[bytes], outgoing: IO[bytes], writer: StoreWriter) -> int:
     decode = encoded_rows.implementation().decode
     while True:
         try:
-            chunks, feedback, configs = read_frame(incoming)
+            frames, feedback, configs = read_frame(incoming)
             requests: list[Any] = []
-            for _ in range(chunks):
+            for _ in range(frames):
                 requests.extend(decode(read_bytes_frame(incoming)))
         except EOFError:
             return batches
