@@ -3,6 +3,10 @@
 `/healthz` and `/metrics` are open (probes and scrapers); everything under `/admin`
 and `/report` requires `Authorization: Bearer <token>` when a token is configured,
 and one must be configured when the admin port listens beyond loopback.
+
+With worker processes (balancer/supervisor.py) the supervisor serves this port, gathering
+metrics, health and upstream counters from its workers; each worker answers its supervisor
+on a Unix socket of its own (`build_worker_app`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from balancer import native
@@ -24,6 +29,9 @@ from balancer.config import ConfigError, parse_experiment
 from balancer.events import EventLog
 from balancer.runtime import Runtime
 from balancer.upstreams import UpstreamRegistry
+
+if TYPE_CHECKING:
+    from balancer.supervisor import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,7 @@ RUNTIME_KEY = web.AppKey("runtime", Runtime)
 REGISTRY_KEY = web.AppKey("registry", UpstreamRegistry)
 EVENTS_KEY = web.AppKey("events", EventLog)
 TOKEN_KEY = web.AppKey("token", str)
+WORKERS_KEY = web.AppKey("workers", object)  # the supervisor's Workers, or None in a single process
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -41,15 +50,17 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def build_admin_app(runtime: Runtime, registry: UpstreamRegistry, events: EventLog, *, token: str | None) -> web.Application:
-    """The admin aiohttp application."""
+def build_admin_app(runtime: Runtime, registry: UpstreamRegistry, events: EventLog, *, token: str | None,
+                    workers: Workers | None = None) -> web.Application:
+    """The admin aiohttp application; `workers`: the supervisor's, whose answers it gathers."""
     app = web.Application(middlewares=[_require_token])
     app[RUNTIME_KEY] = runtime
     app[REGISTRY_KEY] = registry
     app[EVENTS_KEY] = events
     app[TOKEN_KEY] = token or ""
+    app[WORKERS_KEY] = workers
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.registry) if workers is None else merged_metrics)
     app.router.add_get("/admin/experiment", experiment)
     app.router.add_post("/admin/reload", reload)
     app.router.add_post("/admin/status", set_status)
@@ -57,6 +68,26 @@ def build_admin_app(runtime: Runtime, registry: UpstreamRegistry, events: EventL
     app.router.add_get("/report", report_html)
     app.router.add_get("/report.json", report_json)
     return app
+
+
+def build_worker_app(runtime: Runtime, registry: UpstreamRegistry, events: EventLog) -> web.Application:
+    """What a worker answers its supervisor on its Unix socket: health, metrics, upstreams, config, flush."""
+    app = web.Application()
+    app[RUNTIME_KEY] = runtime
+    app[REGISTRY_KEY] = registry
+    app[EVENTS_KEY] = events
+    app[TOKEN_KEY] = ""
+    app[WORKERS_KEY] = None
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.registry))
+    app.router.add_get("/admin/upstreams", upstreams)
+    app.router.add_post("/internal/apply", apply_pushed)
+    app.router.add_post("/internal/flush", flush_log)
+    return app
+
+
+def _workers(request: web.Request) -> Workers | None:
+    return request.app[WORKERS_KEY]  # type: ignore[return-value]
 
 
 @web.middleware
@@ -75,6 +106,14 @@ async def healthz(request: web.Request) -> web.Response:
     events = request.app[EVENTS_KEY]
     assert runtime.active is not None
     loop_module = type(asyncio.get_running_loop()).__module__
+    workers = _workers(request)
+    if workers is not None:
+        states = await workers.health()
+        ready = sum(state["ready"] and state["health"] is not None for state in states)
+        return web.json_response({
+            "status": "ok" if ready == len(states) else "degraded", "version": runtime.active.version,
+            "workers": states, "store_error": events.last_error,
+        }, status=200 if ready else 503)
     return web.json_response({
         "status": "ok", "version": runtime.active.version, "pending_records": events.pending,
         "rejected_records": events.rejected_records, "store_writer_restarts": events.writer_restarts,
@@ -123,8 +162,38 @@ async def set_status(request: web.Request) -> web.Response:
 
 
 async def upstreams(request: web.Request) -> web.Response:
-    """Every endpoint of every variant with its counters and health."""
+    """Every endpoint of every variant with its counters and health (summed over the workers, if any)."""
+    workers = _workers(request)
+    if workers is not None:
+        from balancer.supervisor import merge_upstreams
+
+        return web.json_response(merge_upstreams(await workers.upstreams()))
     return web.json_response(request.app[REGISTRY_KEY].describe())
+
+
+async def merged_metrics(request: web.Request) -> web.Response:
+    """The supervisor's /metrics: its own and every worker's, summed (balancer.supervisor.merge_expositions)."""
+    from balancer.supervisor import merge_expositions
+
+    workers = _workers(request)
+    assert workers is not None
+    own = generate_latest(request.app[RUNTIME_KEY].metrics.registry).decode()
+    body = merge_expositions([own, *await workers.metrics_texts()])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def apply_pushed(request: web.Request) -> web.Response:
+    """A worker's POST /internal/apply {"version": N, "body": "<YAML>"}: the supervisor's config, as numbered."""
+    document = await request.json()
+    applied, message = await request.app[RUNTIME_KEY].adopt(str(document["body"]), int(document["version"]))
+    return web.json_response({"applied": applied, "message": message})
+
+
+async def flush_log(request: web.Request) -> web.Response:
+    """A worker's POST /internal/flush: commit everything logged so far."""
+    events = request.app[EVENTS_KEY]
+    await asyncio.to_thread(events.flush)
+    return web.json_response({"pending_records": events.pending})
 
 
 async def _build_report(request: web.Request) -> dict[str, Any] | web.Response:
@@ -135,6 +204,9 @@ async def _build_report(request: web.Request) -> dict[str, Any] | web.Response:
     runtime = request.app[RUNTIME_KEY]
     assert runtime.active is not None
     await asyncio.to_thread(events.flush)
+    workers = _workers(request)
+    if workers is not None:
+        await workers.flush()
     try:
         return await asyncio.to_thread(build_report, events.path, experiment=runtime.active.experiment.name)
     except ReportError as exc:

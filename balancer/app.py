@@ -3,6 +3,10 @@
 Stop sequence (SIGTERM or SIGINT): stop accepting, let in-flight requests finish
 (bounded by `drain_timeout_s`), flush the outcome log, close connections, exit 0.
 SIGHUP reloads the experiment file.
+
+With `server.workers` > 1 the process started is a supervisor (balancer/supervisor.py): it
+serves the admin port and owns the config, and worker processes (this same class, started
+with `--worker-socket`) serve the public port.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +25,14 @@ import uvloop
 from aiohttp import web
 
 from balancer import native
-from balancer.admin import build_admin_app
-from balancer.config import ConfigError, LoadedConfig, ServerSettings, load_experiment
+from balancer.admin import build_admin_app, build_worker_app, write_atomically
+from balancer.config import MAX_WORKERS, ConfigError, LoadedConfig, ServerSettings, load_experiment
 from balancer.events import EventLog
 from balancer.http_server import HttpServer
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import Proxy
-from balancer.runtime import Runtime
+from balancer.runtime import ActiveConfig, Runtime
+from balancer.supervisor import Workers, die_with_supervisor, reserve_port, worker_command
 from balancer.upstreams import UpstreamRegistry
 
 logger = logging.getLogger(__name__)
@@ -45,13 +51,16 @@ class ServeOptions:
     admin_token: str | None = None
     drain_timeout_s: float = 10.0
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop); see EVENT_LOOPS
+    workers: int | None = None
+    worker_socket: str | None = None  # set by a supervisor for its workers: where this one answers it
+    log_level: str = "INFO"  # handed on to workers
 
 
 def effective_server_settings(loaded: LoadedConfig, options: ServeOptions) -> ServerSettings:
     """The file's server settings with command-line flags applied on top."""
     overrides = {
         key: value
-        for key in ("host", "port", "admin_host", "admin_port", "store")
+        for key in ("host", "port", "admin_host", "admin_port", "store", "workers")
         if (value := getattr(options, key)) is not None
     }
     return loaded.experiment.server.model_copy(update=overrides)
@@ -79,7 +88,7 @@ class Core:
 
 
 async def assemble(config: Path, loaded: LoadedConfig, store: str | Path, *, flush_interval_s: float,
-                   recent_ids: int = 200_000, writer_priority: str = "idle") -> Core:
+                   recent_ids: int = 200_000, writer_priority: str = "idle", record_configs: bool = True) -> Core:
     """Open the outcome log, apply `loaded` (read from `config`) and build the proxy over them.
 
     Health checks and the file watch are not started: `Balancer.start` adds them; tests and
@@ -88,7 +97,7 @@ async def assemble(config: Path, loaded: LoadedConfig, store: str | Path, *, flu
     events = EventLog(store, flush_interval_s=flush_interval_s, recent_ids=recent_ids, writer_priority=writer_priority)
     metrics = BalancerMetrics()
     registry = UpstreamRegistry(loaded.experiment.upstream)
-    runtime = Runtime(config, events, metrics, registry)
+    runtime = Runtime(config, events, metrics, registry, record_configs=record_configs)
     await runtime.start(loaded)
     return Core(events, metrics, registry, runtime, Proxy(runtime, registry, events, metrics))
 
@@ -98,9 +107,13 @@ class Balancer:
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
+        if options.workers is not None and not 1 <= options.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers {options.workers}: must be between 1 and {MAX_WORKERS}")
         self.loaded = load_experiment(options.config)
         self.settings = effective_server_settings(self.loaded, options)
-        if not is_loopback(self.settings.admin_host) and not options.admin_token:
+        # "single": one process does everything; "supervisor" and "worker": see balancer/supervisor.py.
+        self.mode = "worker" if options.worker_socket else "supervisor" if self.settings.workers > 1 else "single"
+        if self.mode != "worker" and not is_loopback(self.settings.admin_host) and not options.admin_token:
             raise ConfigError(
                 f"{options.config}: server.admin_host = {self.settings.admin_host!r} listens beyond loopback; "
                 "set BALANCER_ADMIN_TOKEN (or --admin-token) so admin endpoints require a bearer token"
@@ -108,18 +121,26 @@ class Balancer:
         self.stopped = asyncio.Event()
         self.public_server: HttpServer | None = None
         self.admin_runner: web.AppRunner | None = None
+        self.workers: Workers | None = None
+        self.reserved_port: socket.socket | None = None
+        self.snapshot: Path | None = None  # the supervisor's copy of the active config, which workers start from
 
     async def start(self) -> None:
         """Open the store, apply the config, start listening."""
         settings = self.settings
         core = await assemble(self.options.config, self.loaded, settings.store,
                               flush_interval_s=settings.flush_interval_s, recent_ids=settings.recent_request_ids,
-                              writer_priority=settings.store_writer_priority)
+                              writer_priority=settings.store_writer_priority, record_configs=self.mode != "worker")
         self.events, self.metrics, self.registry = core.events, core.metrics, core.registry
         self.runtime, self.proxy = core.runtime, core.proxy
         self.session = aiohttp.ClientSession()
-        self.registry.start(self.session)
-        self.runtime.watch()
+        if self.mode != "supervisor":  # the supervisor proxies nothing: its workers check their upstreams
+            self.registry.start(self.session)
+        if self.mode == "worker":
+            # Feedback may come here for a request a sibling answered and has not committed yet.
+            self.events.peer_commit_s = 2 * settings.flush_interval_s + 1.0
+        else:
+            self.runtime.watch()
         try:
             await self.listen()
         except BaseException:
@@ -129,13 +150,23 @@ class Balancer:
     async def listen(self) -> None:
         """Open the public and the admin ports."""
         settings = self.settings
-        self.public_server = HttpServer(
-            self.proxy, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.client_body_timeout_s,
-            keepalive_timeout_s=settings.client_keepalive_timeout_s,
-        )
-        await self.public_server.start(settings.host, settings.port, backlog=1024)
+        if self.mode == "supervisor":
+            await self._start_workers()
+        else:
+            self.public_server = HttpServer(
+                self.proxy, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.client_body_timeout_s,
+                keepalive_timeout_s=settings.client_keepalive_timeout_s,
+            )
+            await self.public_server.start(settings.host, settings.port, backlog=1024, reuse_port=self.mode == "worker")
+        if self.options.worker_socket is not None:
+            self.admin_runner = web.AppRunner(build_worker_app(self.runtime, self.registry, self.events),
+                                              handle_signals=False, access_log=None, shutdown_timeout=2.0)
+            await self.admin_runner.setup()
+            await web.UnixSite(self.admin_runner, self.options.worker_socket).start()
+            return
 
-        admin = build_admin_app(self.runtime, self.registry, self.events, token=self.options.admin_token)
+        admin = build_admin_app(self.runtime, self.registry, self.events, token=self.options.admin_token,
+                                workers=self.workers)
         self.admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await self.admin_runner.setup()
         await web.TCPSite(self.admin_runner, settings.admin_host, settings.admin_port).start()
@@ -145,10 +176,41 @@ class Balancer:
             settings.host, settings.port, settings.admin_host, settings.admin_port, settings.store,
             self.options.event_loop, native.MODE,
         )
+        if self.workers is not None:
+            logger.info("%d worker processes share the public port", len(self.workers.workers))
+
+    async def _start_workers(self) -> None:
+        """The supervisor's start: hold the public port, store the config version, start the workers."""
+        settings, options = self.settings, self.options
+        self.reserved_port = reserve_port(settings.host, settings.port)
+        port = self.reserved_port.getsockname()[1]
+        await asyncio.to_thread(self.events.flush)  # the version is in the store before a worker reads it
+        self.workers = Workers(settings.workers, [], drain_timeout_s=options.drain_timeout_s,
+                               registry=self.metrics.registry)
+        self.snapshot = self.workers.folder / "experiment.yaml"
+        await self._write_snapshot(self.runtime.active)
+        self.workers.command = worker_command([
+            "--log-level", options.log_level, "serve", "--config", str(self.snapshot), "--host", settings.host,
+            "--port", str(port), "--store", str(settings.store), "--event-loop", options.event_loop,
+            "--drain-timeout", f"{options.drain_timeout_s:g}",
+        ])
+        self.runtime.on_applied.append(self._write_snapshot)
+        self.runtime.on_applied.append(self.workers.push)
+        assert self.runtime.active is not None
+        await self.workers.start(self.runtime.active)
+
+    async def _write_snapshot(self, active: ActiveConfig | None) -> None:
+        """The active config where a worker (re)starting reads it: valid even while the user's file is not."""
+        assert active is not None and self.snapshot is not None
+        await asyncio.to_thread(write_atomically, self.snapshot, active.loaded.body)
 
     async def stop(self) -> None:
         """Graceful stop: no new connections, drain in-flight requests, flush the log."""
         logger.info("stopping: draining in-flight requests (at most %gs)", self.options.drain_timeout_s)
+        if self.workers is not None:
+            await self.workers.stop()  # each drains its own requests
+        if self.reserved_port is not None:
+            self.reserved_port.close()
         if self.public_server is not None:
             self.public_server.close()  # no new connections; idle ones close, busy ones after their answer
         if not await self.proxy.wait_idle(self.options.drain_timeout_s):
@@ -167,9 +229,16 @@ class Balancer:
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopped.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.runtime.reload("SIGHUP")))
+        if self.mode == "worker":
+            # Its supervisor stops it (SIGTERM) and reloads it; Ctrl-C in a terminal reaches the whole
+            # process group, and a worker stopping on it first would look like a crash to be restarted.
+            loop.add_signal_handler(signal.SIGTERM, self.stopped.set)
+            for ignored in (signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(ignored, lambda: None)
+        else:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stopped.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.runtime.reload("SIGHUP")))
         await self.start()
         try:
             await self.stopped.wait()
@@ -186,6 +255,8 @@ EVENT_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 
 def serve(options: ServeOptions) -> int:
     """Run the balancer until signalled; the exit code."""
+    if options.worker_socket is not None:
+        die_with_supervisor()
     try:
         balancer = Balancer(options)
     except ConfigError as exc:

@@ -82,6 +82,9 @@ class UpstreamSettings(_Frozen):
         return self
 
 
+MAX_WORKERS = 64
+
+
 class ServerSettings(_Frozen):
     """Where the balancer listens and stores; command-line flags override these."""
 
@@ -98,7 +101,10 @@ class ServerSettings(_Frozen):
     # (preempted the moment a request needs the CPU; raised for a while if a batch then takes too long),
     # "normal" at niceness 10 only.
     store_writer_priority: Literal["idle", "normal"] = "idle"
-    max_in_flight: Annotated[int, Field(ge=1)] = 1024
+    max_in_flight: Annotated[int, Field(ge=1)] = 1024  # per worker process
+    # Processes serving the public port (SO_REUSEPORT: the kernel spreads connections over them). With
+    # more than one, a supervisor process serves the admin port, watches the file and restarts workers.
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
     # A client that sent its headers has this long to send the rest of its body (408 after).
     client_body_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0

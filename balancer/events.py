@@ -101,6 +101,9 @@ class EventLog:
         self.rejected_records = 0
         self.writer_restarts = 0
         self.last_error: str | None = None
+        # How long a row another process logs to the same store (a sibling worker's) can take to be committed:
+        # feedback for an id neither this process nor the store knows yet is looked up again for that long.
+        self.peer_commit_s = 0.0
         # Started now, not at the first flush: its interpreter's start-up (tens of ms of CPU, at normal
         # priority until it lowers its own) then happens before the balancer serves, not in its first second.
         self._writer_process()

@@ -2,7 +2,9 @@
 
 The body is `{"request_id": "...", "value": <finite number>}`; anything else gets a 400 naming
 the field. The request must be known (recently answered by this process, or in the store),
-else 404. The value is queued for the outcome log (last value wins) and counted per variant.
+else 404. With several worker processes, feedback may reach another worker than the one that
+answered the request, before that one committed it: an id found nowhere is looked up in the
+store again until `events.peer_commit_s` has passed, and only then refused. The value is queued for the outcome log (last value wins) and counted per variant.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ async def record_feedback(request: HttpRequest, events: EventLog, runtime: Runti
     variant = events.recent_variant(request_id)
     if variant is None:
         variant = await asyncio.to_thread(events.variant_of, request_id)
+    if variant is None and events.peer_commit_s > 0:
+        variant = await _await_peer_commit(events, request_id)
     if variant is None:
         return json_error(404, f"request_id {request_id!r} is unknown")
     events.record_feedback(request_id, number)
@@ -50,6 +54,18 @@ async def record_feedback(request: HttpRequest, events: EventLog, runtime: Runti
         children.feedback.inc()
         children.feedback_value.inc(number)
     return json_response(202, {"status": "recorded", "request_id": request_id, "variant": variant})
+
+
+async def _await_peer_commit(events: EventLog, request_id: str) -> str | None:
+    """The variant of `request_id` once a sibling worker commits it, or None after `events.peer_commit_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + events.peer_commit_s
+    while loop.time() < deadline:
+        await asyncio.sleep(min(events.flush_interval_s / 2, max(0.0, deadline - loop.time())))
+        variant = await asyncio.to_thread(events.variant_of, request_id)
+        if variant is not None:
+            return variant
+    return None
 
 
 def finite_number(value: object) -> float | None:

@@ -413,9 +413,14 @@ class HttpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
 
-    async def start(self, host: str, port: int, *, backlog: int = 1024) -> int:
-        """Start listening; the bound port (useful with port 0)."""
-        self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=backlog)
+    async def start(self, host: str, port: int, *, backlog: int = 1024, reuse_port: bool = False) -> int:
+        """Start listening; the bound port (useful with port 0).
+
+        `reuse_port`: SO_REUSEPORT, so several worker processes listen on one port and the kernel spreads
+        new connections over them.
+        """
+        self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=backlog,
+                                                     reuse_port=reuse_port)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         # Read untyped: typeshed says a tuple, uvloop's server gives a list, and compiled code checks.
         sockets: Any = getattr(self._server, "sockets")

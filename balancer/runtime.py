@@ -15,11 +15,12 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from balancer.assignment import Assigner
-from balancer.config import ConfigError, Experiment, LoadedConfig, load_experiment
+from balancer.config import ConfigError, Experiment, LoadedConfig, load_experiment, parse_experiment
 from balancer.events import EventLog
 from balancer.metrics import BalancerMetrics, VariantMetrics
 from balancer.upstreams import UpstreamRegistry, resolve, split_upstream
@@ -52,8 +53,13 @@ class ActiveConfig:
 class Runtime:
     """Holds the active config and applies new ones safely."""
 
-    def __init__(self, config_path: str | Path, events: EventLog, metrics: BalancerMetrics, registry: UpstreamRegistry) -> None:
+    def __init__(self, config_path: str | Path, events: EventLog, metrics: BalancerMetrics, registry: UpstreamRegistry,
+                 *, record_configs: bool = True) -> None:
         self.config_path = Path(config_path)
+        # False in a worker process: its supervisor numbers the versions and stores them (see `adopt`).
+        self.record_configs = record_configs
+        # Awaited, in order, after every config applied (the supervisor hands it to its workers).
+        self.on_applied: list[Callable[[ActiveConfig], Awaitable[None]]] = []
         self.events = events
         self.metrics = metrics
         self.registry = registry
@@ -89,6 +95,21 @@ class Runtime:
             message = f"applied config version {self.active.version} ({loaded.hash}) on {trigger}"
             logger.info("%s", message)
             return True, message
+
+    async def adopt(self, body: str, version: int) -> tuple[bool, str]:
+        """Apply config text as `version`, numbered and checked by the supervisor (a worker's reload).
+
+        Returns (applied or unchanged, message); text that does not validate is refused and changes nothing.
+        """
+        async with self._lock:
+            try:
+                loaded = parse_experiment(body, source=str(self.config_path))
+            except ConfigError as exc:
+                return False, self._reject(str(exc), "the supervisor's push")
+            if self.active is not None and self.active.version == version and self.active.loaded.hash == loaded.hash:
+                return True, f"config unchanged (version {version})"
+            await self._apply(loaded, version)
+            return True, f"applied config version {version} ({loaded.hash}) from the supervisor"
 
     def _reject(self, reason: str, trigger: str) -> str:
         self.last_error = reason
@@ -137,7 +158,8 @@ class Runtime:
             metrics.weight.labels(experiment.name, variant.name).set(variant.weight / total)
         metrics.config_version.set(version)
         metrics.config_info.labels(experiment.name, loaded.hash, experiment.status).set(1)
-        self.events.record_config(version, loaded.hash, experiment, loaded.body)
+        if self.record_configs:
+            self.events.record_config(version, loaded.hash, experiment, loaded.body)
         self.active = ActiveConfig(
             version=version,
             loaded=loaded,
@@ -150,6 +172,8 @@ class Runtime:
             try_timeout_s=experiment.upstream.try_timeout_s,
         )
         self.last_error = None
+        for hook in self.on_applied:
+            await hook(self.active)
 
     # watching the file
     def _file_signature(self) -> tuple[float, int, str] | None:

@@ -39,6 +39,7 @@ from bench.runs import (
     FULL,
     QUICK,
     FixedRateSample,
+    SaturationSample,
     Settings,
     interleaved,
     measure_fixed_rate,
@@ -52,9 +53,12 @@ from bench.stack import (
     FEATURE_CONFIGURATIONS,
     FLOOR_LABEL,
     KINDS,
+    WORKERS,
+    BalancerOptions,
     Stack,
     Target,
     check_split,
+    workers_label,
 )
 from bench.tools import describe_code, describe_machine, ensure_tools, load_average
 from bench.wrk import wrk_command
@@ -134,6 +138,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
                 pause_s=settings.pause_s, what="fixed rate")
             fixed_rate_pinned = _measure_pinned_fixed_rate(latency_targets, settings, rates["noop"], body_file)
+            workers_rate, workers_fixed_rate = _measure_workers_fixed_rate(by_name, saturation, settings, body_file)
             cold_start = measure_starts(stack, starts=settings.cold_starts, rate=rates["noop"],
                                         windows=settings.cold_windows, window_s=settings.cold_window_s, settings=settings)
             load_after = load_average()
@@ -144,7 +149,8 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 commands=_commands(latency_targets, settings, rates, body_file, workdir),
                 feature_labels=[options.label for options in FEATURE_CONFIGURATIONS] + [FLOOR_LABEL],
                 same_core=same_core, fixed_rate_pinned=fixed_rate_pinned, cold_start=cold_start,
-                cold_start_window_s=settings.cold_window_s,
+                cold_start_window_s=settings.cold_window_s, workers=WORKERS, workers_rate=workers_rate,
+                workers_fixed_rate=workers_fixed_rate,
             )
             _add_perf_profiles(results, settings, body_file, tools["wrk"], workdir)
             if profile:
@@ -193,6 +199,18 @@ def _measure_pinned_fixed_rate(latency_targets: list[Target], settings: Settings
                        pause_s=settings.pause_s, what="fixed rate, hop on a CPU of its own")
 
 
+def _measure_workers_fixed_rate(by_name: dict[str, Target], saturation: dict[str, list[SaturationSample]],
+                                settings: Settings, body_file: Path) -> tuple[float, dict[str, list[FixedRateSample]]]:
+    """Direct calls, the balancer with WORKERS processes and nginx with as many workers, at half that balancer's
+    median saturation rate (its own fixed-rate target)."""
+    label = workers_label(WORKERS)
+    balancer = by_name[f"noop balancer ({label})"]
+    rate = median([sample.requests_per_second for sample in saturation[balancer.name]]) / 2
+    targets = [by_name["noop direct"], balancer, by_name[f"noop nginx ({label})"]]
+    return rate, interleaved(targets, settings.rounds, lambda target: measure_fixed_rate(target, rate, settings, body_file),
+                             pause_s=settings.pause_s, what=f"fixed rate, {label}")
+
+
 def _time_report(quick: bool) -> tuple[int, float]:
     """Seconds `build_report` takes over a synthetic store of 1,000,000 requests (200,000 with --quick)."""
     from balancer.report_synthetic import time_report, write_synthetic_store
@@ -219,6 +237,10 @@ def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
         saturation_targets += main_three + balancers[1:]
         if kind == "noop":
             saturation_targets += [stack.floor(kind, upstreams, backend_pids, server) for server in ("balancer", "aiohttp")]
+            # server.workers: the balancer's processes against as many nginx workers
+            saturation_targets += [
+                stack.balancer(kind, BalancerOptions(workers_label(WORKERS), workers=WORKERS), upstreams, backend_pids),
+                stack.nginx_proxy(kind, upstreams, backend_pids, workers=WORKERS)]
         latency_targets += main_three
         if kind == "noop":  # the same rate with the outcome log and metrics off: is the log in the tail?
             latency_targets += [target for target in balancers if target.name.endswith(f"({FEATURE_BASELINE})")]

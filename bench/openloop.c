@@ -57,7 +57,7 @@ typedef int64_t nanoseconds;
 
 static const char USAGE[] =
     "usage: %s --url http://host:port/path --rate REQUESTS_PER_S --seconds S --body-file FILE\n"
-    "       [--spread host:port,host:port] [--warmup S] [--connections N] [--users N]\n";
+    "       [--spread host:port,host:port] [--warmup S] [--connections N] [--users N] [--trace FILE]\n";
 
 static const char HELP[] =
     "\nFixed-rate (open-loop) HTTP/1.1 load; prints one JSON line.\n\n"
@@ -68,7 +68,9 @@ static const char HELP[] =
     "  --warmup S         seconds sent first and not measured (default 1.0)\n"
     "  --connections N    keep-alive connections (default 32)\n"
     "  --users N          distinct X-User-ID values (default 1000)\n"
-    "  --body-file FILE   the POST body (required)\n";
+    "  --body-file FILE   the POST body (required)\n"
+    "  --trace FILE       also write every measured answer to FILE, in dispatch order: one line\n"
+    "                     'dispatched_s latency_ms' (seconds since the first measured dispatch)\n";
 
 /* ---- command line ---------------------------------------------------------------------------- */
 
@@ -79,7 +81,7 @@ struct address {
 };
 
 struct options {
-    const char *url, *spread, *body_file;
+    const char *url, *spread, *body_file, *trace;
     double rate, seconds, warmup;
     long connections, users;
     bool have_rate, have_seconds;
@@ -170,6 +172,8 @@ static struct options parse_options(int argc, char **argv)
             options.url = value;
         else if (strcmp(flag, "--spread") == 0)
             options.spread = value;
+        else if (strcmp(flag, "--trace") == 0)
+            options.trace = value;
         else if (strcmp(flag, "--body-file") == 0)
             options.body_file = value;
         else if (strcmp(flag, "--rate") == 0) {
@@ -560,6 +564,7 @@ struct client {
     uint64_t outstanding; /* dispatched, neither answered nor failed */
     /* the measured part */
     nanoseconds *latencies, *late;
+    nanoseconds *dispatched; /* per measured answer, beside latencies; only with --trace */
     uint64_t sent, completed, non_2xx, connection_errors, queued;
     char buffer[READ_SIZE];
 };
@@ -713,6 +718,8 @@ static void record_answer(struct client *client, struct connection *connection, 
     connection->state = ANSWERED;
     if (!is_measured(client, connection->request))
         return;
+    if (client->dispatched)
+        client->dispatched[client->completed] = connection->dispatched;
     client->latencies[client->completed++] = finished - connection->dispatched;
     client->non_2xx += connection->response.status < 200 || connection->response.status >= 300;
 }
@@ -932,6 +939,31 @@ static void print_number(double value)
     fputs(text, stdout);
 }
 
+static int compare_trace_lines(const void *left, const void *right)
+{
+    const nanoseconds *a = left, *b = right;
+    return (a[0] > b[0]) - (a[0] < b[0]);
+}
+
+/* --trace: every measured answer as 'dispatched_s latency_ms', in dispatch order (answers arrive out of it). */
+static void write_trace(const struct client *client, const char *path)
+{
+    nanoseconds *pairs = allocate(client->completed ? client->completed * 2 : 1, sizeof *pairs);
+    for (uint64_t index = 0; index < client->completed; index++) {
+        pairs[2 * index] = client->dispatched[index];
+        pairs[2 * index + 1] = client->latencies[index];
+    }
+    qsort(pairs, client->completed, 2 * sizeof *pairs, compare_trace_lines);
+    FILE *file = fopen(path, "w");
+    if (file == NULL)
+        die("--trace '%s': %s", path, strerror(errno));
+    for (uint64_t index = 0; index < client->completed; index++)
+        fprintf(file, "%.6f %.3f\n", (double)(pairs[2 * index] - pairs[0]) / 1e9, (double)pairs[2 * index + 1] / 1e6);
+    if (fclose(file) != 0)
+        die("--trace '%s': write error", path);
+    free(pairs);
+}
+
 static void print_summary(struct client *client, double measured_s, double cpu_s)
 {
     static const struct {
@@ -1010,6 +1042,8 @@ int main(int argc, char **argv)
     client->waiting = allocate(client->total, sizeof *client->waiting);
     client->latencies = allocate(client->total, sizeof *client->latencies);
     client->late = allocate(client->total, sizeof *client->late);
+    if (options.trace)
+        client->dispatched = allocate(client->total, sizeof *client->dispatched);
     client->epoll = epoll_create1(EPOLL_CLOEXEC);
     if (client->epoll < 0)
         die("epoll_create1: %s", strerror(errno));
@@ -1018,6 +1052,8 @@ int main(int argc, char **argv)
     nanoseconds sending;
     double cpu_s;
     run(client, &sending, &cpu_s);
+    if (options.trace)
+        write_trace(client, options.trace); /* before print_summary sorts the latencies */
     print_summary(client, (double)sending / 1e9 - options.warmup, cpu_s);
     return 0;
 }

@@ -74,6 +74,11 @@ class BenchResults:
     # bench/cold_start.py: per fresh balancer, its consecutive fixed-rate windows from the moment it was ready
     cold_start: list[list[FixedRateSample]] = field(default_factory=list)
     cold_start_window_s: float = 1.0
+    # server.workers: the balancer with `workers` processes and nginx with as many, no-op backends; their
+    # fixed-rate runs (with direct calls) at `workers_rate`, half that balancer's saturation rate
+    workers: int = 0
+    workers_rate: float | None = None
+    workers_fixed_rate: dict[str, list[FixedRateSample]] = field(default_factory=dict)
 
     def target(self, kind: str, hop: str, label: str = "") -> Target | None:
         """The target of `kind` and `hop` ('balancer' with a label for the feature-cost variants)."""
@@ -158,6 +163,19 @@ class BenchResults:
     def pinned_p99(self, target: Target | None) -> float:
         """Median p99 ms of the target's fixed-rate runs with its hop on a CPU of its own."""
         return median([sample.p99_ms for sample in self.pinned_samples(target)])
+
+    def workers_targets(self) -> tuple[Target | None, Target | None]:
+        """The balancer with `workers` processes and nginx with as many workers (None if not run)."""
+        label = f"{self.workers} workers"
+        return self.target("noop", "balancer", label), self.target("noop", "nginx", label)
+
+    def workers_samples(self, target: Target | None) -> list[FixedRateSample]:
+        """The target's runs at `workers_rate` in round order."""
+        return self.workers_fixed_rate.get(target.name, []) if target is not None else []
+
+    def workers_latency(self, target: Target | None, percentile: str) -> float:
+        """Median latency ('p50' or 'p99') in ms at `workers_rate`."""
+        return median([sample.p50_ms if percentile == "p50" else sample.p99_ms for sample in self.workers_samples(target)])
 
     def fixed_rate_samples(self, target: Target | None) -> list[FixedRateSample]:
         """The target's fixed-rate runs in round order (none for a target not run)."""
@@ -284,6 +302,7 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
             checks.append(Check(f"added latency p99 at half saturation, {PINNED_HOW} (balancer − direct)", kind,
                                 results.pinned_p99(balancer) - results.pinned_p99(direct), 5.0, "ms", True,
                                 pinned_added))
+    checks += _workers_checks(results)
     cost = results.logging_cost()
     if results.same_core.get("default"):
         assert cost is not None
@@ -304,6 +323,75 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
     return checks
 
 
+def _workers_checks(results: BenchResults) -> list[Check]:
+    """The same targets for the balancer with `workers` processes (nginx: as many workers), no-op backends."""
+    balancer, nginx = results.workers_targets()
+    direct = results.target("noop", "direct")
+    if balancer is None or not results.workers_samples(balancer):
+        return []
+    label = f"{results.workers} workers"
+
+    def added(percentile: str) -> tuple[float, ...]:
+        return tuple(getattr(hop, f"{percentile}_ms") - getattr(plain, f"{percentile}_ms") for hop, plain in
+                     zip(results.workers_samples(balancer), results.workers_samples(direct), strict=False))
+
+    def share(other: Target | None) -> tuple[float, ...]:
+        return tuple(_percent(mine.requests_per_second, theirs.requests_per_second) for mine, theirs in
+                     zip(results.saturation_samples(balancer), results.saturation_samples(other), strict=False))
+
+    return [
+        Check(f"added latency p50 at half saturation, {label} (balancer − direct)", "noop",
+              results.workers_latency(balancer, "p50") - results.workers_latency(direct, "p50"), 1.0, "ms", True,
+              added("p50")),
+        Check(f"added latency p99 at half saturation, {label} (balancer − direct)", "noop",
+              results.workers_latency(balancer, "p99") - results.workers_latency(direct, "p99"), 5.0, "ms", True,
+              added("p99")),
+        Check(f"balancer CPU per request, {label}", "noop", results.hop_cpu(balancer), 120.0, "µs", True,
+              tuple(sample.proxy_us_per_request or math.nan for sample in results.saturation_samples(balancer))),
+        Check(f"saturation throughput, balancer / direct, {label}", "noop",
+              _percent(results.rps(balancer), results.rps(direct)), 50.0, "%", False, share(direct)),
+        Check(f"saturation throughput, balancer / nginx, {label} each", "noop",
+              _percent(results.rps(balancer), results.rps(nginx)), 50.0, "%", False, share(nginx)),
+    ]
+
+
+def _workers_section(results: BenchResults) -> str:
+    balancer, nginx = results.workers_targets()
+    direct = results.target("noop", "direct")
+    one = results.target("noop", "balancer")
+    if balancer is None or nginx is None or direct is None or not results.workers_samples(balancer):
+        return ""
+    label = f"{results.workers} workers"
+    rate = results.workers_rate or math.nan
+    rows = []
+    for name, target in ((f"balancer, {label}", balancer), (f"nginx, {label}", nginx), ("direct", direct)):
+        runs = results.workers_samples(target)
+        busy = median([sample.proxy_busy for sample in runs])
+        rows.append(
+            f"| {name} | {_number(results.rps(target), 0)} | "
+            f"{'—' if target is direct else _ratio(results.rps(target), results.rps(direct))} "
+            f"| {_number(results.workers_latency(target, 'p50'), 2)} | {_number(results.workers_latency(target, 'p99'), 2)} "
+            f"| {'—' if target is direct else _signed(results.workers_latency(target, 'p50') - results.workers_latency(direct, 'p50'))} "
+            f"| {'—' if target is direct else _signed(results.workers_latency(target, 'p99') - results.workers_latency(direct, 'p99'))} "
+            f"| {'—' if target is direct else _cpu(results.hop_cpu(target), results.hop_kernel_share(target))} "
+            f"| {'—' if target is direct else f'{busy * 100:.0f} %'} "
+            f"| {', '.join(f'{sample.p99_ms:.1f}' for sample in runs)} |\n")
+    return (
+        f"## Several worker processes (`server.workers: {results.workers}`)\n\n"
+        f"One balancer process serves what one core gives it. With `server.workers: {results.workers}` "
+        "(`balancer/supervisor.py`) that many processes listen on the public port with SO_REUSEPORT, each with "
+        "its own outcome-log writer, under a supervisor that serves the admin port (metrics summed over the "
+        f"workers). Compared here with nginx at `worker_processes {results.workers}` (`listen ... reuseport`), "
+        "no-op backends; saturation runs in the same interleaved rounds as above, then fixed-rate rounds at half "
+        f"this balancer's own median saturation rate ({rate:.0f} req/s), direct calls included, interleaved. "
+        "Hop CPU counts the supervisor, every worker and their store writers.\n\n"
+        "| path | req/s at saturation | vs direct | p50 ms | p99 ms | added p50 ms | added p99 ms "
+        "| hop CPU µs/req (kernel share) | busy at the fixed rate | each round's p99 ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "".join(rows) +
+        f"\n- balancer with {label} / with one process, saturation: **{_ratio(results.rps(balancer), results.rps(one))}**; "
+        f"/ nginx with {label}: **{_ratio(results.rps(balancer), results.rps(nginx))}**\n")
+
+
 def render_report(results: BenchResults) -> str:
     """The whole BENCHMARKS.md."""
     settings = results.settings
@@ -318,6 +406,7 @@ def render_report(results: BenchResults) -> str:
         _machine_section(results),
         _method_section(results),
         *(_kind_section(results, kind) for kind in KIND_TITLES if results.target(kind, "balancer")),
+        _workers_section(results),
         _feature_section(results),
         _targets_section(results),
         _bounds_section(results),
@@ -884,9 +973,11 @@ def _raw_section(results: BenchResults) -> str:
                         f"p50 {sample.p50_ms:.1f} ms, p99 {sample.p99_ms:.1f} ms"
                         + ("" if hop is None or share is None else f", hop {_cpu(hop, share)} µs/req")
                         + f", backends {sample.backend_us_per_request:.0f} µs/req | {sample.errors} |\n")
-    for target in results.targets:
-        for index, fixed in enumerate(results.fixed_rate.get(target.name, []), 1):
-            rows.append(f"| fixed rate | {target.name} | {index} | {fixed.achieved_rps:.0f} of {fixed.rate:.0f} req/s, "
+    phases = (("fixed rate", results.fixed_rate),
+              (f"fixed rate, {results.workers} workers' rate", results.workers_fixed_rate))
+    for (phase, runs), target in ((phase, target) for phase in phases for target in results.targets):
+        for index, fixed in enumerate(runs.get(target.name, []), 1):
+            rows.append(f"| {phase} | {target.name} | {index} | {fixed.achieved_rps:.0f} of {fixed.rate:.0f} req/s, "
                         f"p50 {fixed.p50_ms:.2f} ms, p99 {fixed.p99_ms:.2f} ms, p99.9 {fixed.p999_ms:.2f} ms; "
                         f"queued {fixed.queued}, client late p99 {fixed.late_ms_p99:.1f} ms, client CPU "
                         f"{fixed.client_cpu_s / max(fixed.completed, 1) * 1e6:.0f} µs/req"

@@ -46,9 +46,17 @@ class BalancerOptions:
     export_metrics: bool = True
     event_loop: str = "uvloop"  # `serve --event-loop`
     interpreted: bool = False  # BALANCER_PURE_PYTHON=1: the .py sources instead of the compiled modules
+    workers: int = 1  # server.workers
 
 
 KINDS = ("noop", "model")
+WORKERS = 2  # the worker processes of the multi-process balancer and nginx compared (one per core here)
+
+
+def workers_label(workers: int) -> str:
+    """How targets with several worker processes are labelled: 'noop balancer (2 workers)'."""
+    return f"{workers} workers"
+
 FEATURE_BASELINE = "outcomes and metrics off"
 # every balancer configuration measured on the no-op backends; the first is the production default
 FLOOR_LABEL = "floor: the balancer's server + upstream client only"
@@ -92,7 +100,8 @@ def balancer_yaml(options: BalancerOptions, upstreams: Mapping[str, str]) -> str
         "seed": 9,
         "variants": [{"name": name, "weight": WEIGHTS[name], "upstreams": [f"http://{upstreams[name]}"]}
                      for name in VARIANTS],
-        "server": {"record_outcomes": options.record_outcomes, "export_metrics": options.export_metrics},
+        "server": {"record_outcomes": options.record_outcomes, "export_metrics": options.export_metrics,
+                   "workers": options.workers},
     }
     text = yaml.safe_dump(document, sort_keys=False)
     parse_experiment(text, source=f"<bench {options.label}>")
@@ -180,16 +189,18 @@ class Stack:
                       url=f"http://{HOST}:{port}{PREDICT_PATH}", proxy_pid=process.pid,
                       backend_pids=backend_pids, command=tuple(command))
 
-    def nginx_proxy(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...]) -> Target:
-        """Start nginx (one worker, sticky 50/50 on X-User-ID, upstream keep-alive); ready after `ready()`."""
-        prefix = self.workdir / f"nginx-{kind}"
+    def nginx_proxy(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...], *,
+                    workers: int = 1) -> Target:
+        """Start nginx (`workers` workers, sticky 50/50 on X-User-ID, upstream keep-alive); ready after `ready()`."""
+        suffix = "" if workers == 1 else f"-{workers}-workers"
+        prefix = self.workdir / f"nginx-{kind}{suffix}"
         port = free_port()
         config = render_nginx_config(listen=f"{HOST}:{port}", upstreams={name: [upstreams[name]] for name in VARIANTS},
-                                     weights=WEIGHTS, strategy="sticky")
+                                     weights=WEIGHTS, strategy="sticky", workers=workers)
         write_nginx_prefix(prefix, config)
         command = nginx_command(self.nginx, prefix)
-        process = self._spawn(f"nginx-{kind}", command, f"http://{HOST}:{port}/healthz")
-        return Target(name=f"{kind} nginx", kind=kind, hop="nginx", url=f"http://{HOST}:{port}{PREDICT_PATH}",
+        process = self._spawn(f"nginx-{kind}{suffix}", command, f"http://{HOST}:{port}/healthz")
+        return Target(name=f"{kind} nginx" + ("" if workers == 1 else f" ({workers_label(workers)})"), kind=kind, hop="nginx", url=f"http://{HOST}:{port}{PREDICT_PATH}",
                       proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
 
     def ready(self) -> None:

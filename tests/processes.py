@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,3 +130,38 @@ def write_experiment(path: Path, *, ports: dict[str, list[int]], weights: dict[s
         f"server:\n  flush_interval_s: 0.1\n{server}"
     )
     return path
+
+
+NOOP_BACKEND = REPO / "tests" / "noop_backend.py"
+
+
+@dataclass(frozen=True)
+class NoopStack:
+    """A balancer in front of two no-op backends (model_a, model_b), started by `noop_stack`."""
+
+    url: str
+    admin: str
+    config: Path
+    store: Path
+    ports: dict[str, list[int]]
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def noop_stack(folder: Path, *, weights: dict[str, float] | None = None, server: str = "",
+               serve_args: tuple[str, ...] = ()) -> Iterator[NoopStack]:
+    """Two no-op backends and `balancer serve` over them (experiment, store and logs in `folder`), until the block ends."""
+    ports = {"model_a": [free_port()], "model_b": [free_port()]}
+    port, admin_port = free_port(), free_port()
+    config = write_experiment(folder / "exp.yaml", ports=ports, weights=weights, server=server)
+    store = folder / "outcomes.db"
+    with (
+        running([str(NOOP_BACKEND), "--port", str(ports["model_a"][0]), "--name", "model_a"],
+                f"http://127.0.0.1:{ports['model_a'][0]}/healthz", log=folder / "a.log"),
+        running([str(NOOP_BACKEND), "--port", str(ports["model_b"][0]), "--name", "model_b"],
+                f"http://127.0.0.1:{ports['model_b'][0]}/healthz", log=folder / "b.log"),
+        running(["-m", "balancer", "serve", "--config", str(config), "--port", str(port), "--admin-port",
+                 str(admin_port), "--store", str(store), *serve_args], f"http://127.0.0.1:{admin_port}/healthz",
+                log=folder / "balancer.log") as process,
+    ):
+        yield NoopStack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", config, store, ports, process)

@@ -225,6 +225,15 @@ def fixed_rate_sample(p99_ms: float, *, p50_ms: float = 0.2, errors: int = 0, ra
                            p99_ms=p99_ms, p999_ms=p99_ms, late_ms_p99=0.1, client_cpu_s=0.1)
 
 
+def fixed_runs(p99s: list[float], hop_cpu_s: float | None, *, rate: float = 500) -> list[FixedRateSample]:
+    """Fixed-rate runs of 10 s that met `rate`, one per p99; the hop's processes used `hop_cpu_s` in each."""
+    return [FixedRateSample(rate=rate, achieved_rps=rate, completed=int(rate * 10), errors=0, queued=0, p50_ms=0.2,
+                            p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2, dispatched=int(rate * 11),
+                            seconds=10.0, steal=0.0,
+                            proxy_cpu=None if hop_cpu_s is None else CpuUsage(user_s=hop_cpu_s, system_s=0.0))
+            for p99 in p99s]
+
+
 def saved_and_loaded(results: BenchResults, folder: Path) -> BenchResults:
     """`results` after a round trip through a results file in `folder`."""
     path = folder / "BENCHMARKS.json"
@@ -925,16 +934,9 @@ def test_perf_samples_a_saturated_process_kernel_included(tmp_path: Path, body_f
 def test_pinned_fixed_rate_runs_give_their_own_p99_row_and_table(tmp_path: Path) -> None:
     results = _results()
 
-    def pinned(p99s: list[float], busy_cpu_s: float | None) -> list[FixedRateSample]:
-        return [FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=0.2,
-                                p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2, dispatched=5500,
-                                seconds=10.0, steal=0.0,
-                                proxy_cpu=None if busy_cpu_s is None else CpuUsage(user_s=busy_cpu_s, system_s=0.0))
-                for p99 in p99s]
-
-    results.fixed_rate_pinned = {"noop direct": pinned([1.0, 1.5, 1.0, 2.0, 1.0], None),
-                                 "noop balancer": pinned([3.0, 4.5, 3.5, 4.0, 9.0], 6.0),
-                                 "noop nginx": pinned([2.0] * 5, 4.0)}
+    results.fixed_rate_pinned = {"noop direct": fixed_runs([1.0, 1.5, 1.0, 2.0, 1.0], None),
+                                 "noop balancer": fixed_runs([3.0, 4.5, 3.5, 4.0, 9.0], 6.0),
+                                 "noop nginx": fixed_runs([2.0] * 5, 4.0)}
     checks = {check.goal: check for check in evaluate_targets(results)}
     pinned_p99 = checks["added latency p99 at half saturation, the hop on a CPU of its own (balancer − direct)"]
     assert pinned_p99.measured == pytest.approx(4.0 - 1.0)  # medians of each path's rounds
@@ -985,4 +987,36 @@ def test_the_cold_start_section_shows_each_window_and_survives_the_results_file(
     assert "| 0–1 s | 0.30 | 9.00 | 12.0, 6.0, 9.0 | 0 |" in report
     assert "| 1–2 s | 0.20 | 2.50 | 3.0, 2.0, 2.5 | 0 |" in report
     assert "First window's p99 over the last window's: 3.60x (median over 3 starts)." in report
+    assert render_report(saved_and_loaded(results, tmp_path)) == report
+
+
+def test_worker_processes_get_their_own_section_and_targets_at_their_own_rate(tmp_path: Path) -> None:
+    results = _results()
+    assert "## Several worker processes" not in render_report(results)  # results from before them
+    results.targets += [Target(name="noop balancer (2 workers)", kind="noop", hop="balancer", url="u"),
+                        Target(name="noop nginx (2 workers)", kind="noop", hop="nginx", url="u")]
+    rps = {"noop balancer (2 workers)": 1_600, "noop nginx (2 workers)": 6_400}
+    for name, rate in rps.items():
+        results.saturation[name] = [SaturationSample(
+            requests=rate * 10, seconds=10.0, errors=0, p50_ms=1.0, p99_ms=2.0, steal=0.0, machine_busy_s=18.0,
+            proxy_cpu=CpuUsage(user_s=0.5, system_s=0.5), backend_cpu=CpuUsage(user_s=0.1, system_s=0.0))]
+    results.workers, results.workers_rate = 2, 800.0
+
+    results.workers_fixed_rate = {"noop direct": fixed_runs([1.0, 1.0, 2.0], None, rate=800),
+                                  "noop balancer (2 workers)": fixed_runs([4.0, 3.0, 9.0], 5.0, rate=800),
+                                  "noop nginx (2 workers)": fixed_runs([2.0, 2.0, 2.0], 3.0, rate=800)}
+    checks = {check.goal: check for check in evaluate_targets(results)}
+    p99 = checks["added latency p99 at half saturation, 2 workers (balancer − direct)"]
+    assert p99.measured == pytest.approx(4.0 - 1.0) and p99.samples == pytest.approx((3.0, 2.0, 7.0))
+    assert checks["saturation throughput, balancer / nginx, 2 workers each"].measured == pytest.approx(25.0)
+    assert checks["saturation throughput, balancer / direct, 2 workers"].measured == pytest.approx(16.0)
+    # the one-process targets still come from the one-process runs
+    assert checks["added latency p99 at half saturation (balancer − direct)"].measured == pytest.approx(7.0)
+    report = render_report(results)
+    assert "## Several worker processes (`server.workers: 2`)" in report
+    assert "half this balancer's own median saturation rate (800 req/s)" in report
+    assert "| balancer, 2 workers | 1,600 | 0.16× | 0.20 | 4.00 | +0.00 | +3.00 |" in report
+    assert "| 50 % | 4.0, 3.0, 9.0 |" in report  # busy: 5 CPU seconds over 10 s
+    assert "balancer with 2 workers / with one process, saturation: **1.60×**; / nginx with 2 workers: **0.25×**" in report
+    assert "| fixed rate, 2 workers' rate | noop balancer (2 workers) | 3 |" in report
     assert render_report(saved_and_loaded(results, tmp_path)) == report

@@ -18,35 +18,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.processes import REPO, free_port, running, stop, write_experiment
+from tests.processes import REPO, NoopStack, free_port, noop_stack, running, stop, write_experiment
 
 NOOP = str(REPO / "tests" / "noop_backend.py")
 
 
-@dataclass(frozen=True)
-class Live:
-    url: str
-    admin: str
-    config: Path
-    store: Path
-    ports: dict[str, list[int]]
-    process: subprocess.Popen[bytes]
+Live = NoopStack
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    tmp = tmp_path_factory.mktemp("live")
-    ports = {"model_a": [free_port()], "model_b": [free_port()]}
-    port, admin_port = free_port(), free_port()
-    config = write_experiment(tmp / "exp.yaml", ports=ports, weights={"model_a": 90, "model_b": 10})
-    store = tmp / "outcomes.db"
-    with (
-        running([NOOP, "--port", str(ports["model_a"][0]), "--name", "model_a"], f"http://127.0.0.1:{ports['model_a'][0]}/healthz", log=tmp / "a.log"),
-        running([NOOP, "--port", str(ports["model_b"][0]), "--name", "model_b"], f"http://127.0.0.1:{ports['model_b'][0]}/healthz", log=tmp / "b.log"),
-        running(["-m", "balancer", "serve", "--config", str(config), "--port", str(port), "--admin-port", str(admin_port),
-                 "--store", str(store)], f"http://127.0.0.1:{admin_port}/healthz", log=tmp / "balancer.log") as process,
-    ):
-        yield Live(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", config, store, ports, process)
+    with noop_stack(tmp_path_factory.mktemp("live"), weights={"model_a": 90, "model_b": 10}) as stack:
+        yield stack
 
 
 async def admin(session: aiohttp.ClientSession, live: Live, method: str, path: str, **kwargs: object) -> tuple[int, dict]:

@@ -1,0 +1,58 @@
+"""balancer/supervisor.py's pure parts: one /metrics and one /admin/upstreams from several workers."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from balancer.metrics import BalancerMetrics
+from balancer.supervisor import merge_expositions, merge_upstreams
+
+
+def worker_exposition(requests: int, seconds: float, in_flight: int, weight: float) -> str:
+    metrics = BalancerMetrics(CollectorRegistry())
+    children = metrics.children("exp", "a")
+    for _ in range(requests):
+        children.observe(200, seconds)
+    metrics.in_flight.set(in_flight)
+    metrics.weight.labels("exp", "a").set(weight)
+    metrics.config_version.set(3)
+    return generate_latest(metrics.registry).decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_counters_and_histograms_add_up_and_shared_gauges_do_not() -> None:
+    first, second = worker_exposition(3, 0.002, 4, 0.5), worker_exposition(5, 0.2, 1, 0.5)
+    merged = samples(merge_expositions([first, second]).decode())
+    ones, twos = samples(first), samples(second)
+    requests = ("balancer_requests_total", (("experiment", "exp"), ("status_class", "2xx"), ("variant", "a")))
+    assert ones[requests] == 3 and twos[requests] == 5 and merged[requests] == 8
+    bucket = ("balancer_request_duration_seconds_bucket", (("experiment", "exp"), ("le", "0.005"), ("variant", "a")))
+    assert (ones[bucket], twos[bucket], merged[bucket]) == (3, 0, 3)
+    count = ("balancer_request_duration_seconds_count", (("experiment", "exp"), ("variant", "a")))
+    assert merged[count] == 8
+    assert merged[("balancer_in_flight_requests", ())] == 5  # each worker's own: summed
+    assert merged[("balancer_variant_weight", (("experiment", "exp"), ("variant", "a")))] == 0.5  # the same in each
+    assert merged[("balancer_config_version", ())] == 3
+    assert set(merged) == set(ones)  # nothing lost, nothing invented
+
+
+def test_created_is_the_earliest_and_a_series_only_one_worker_has_is_kept() -> None:
+    first = "# TYPE x counter\nx_total{k=\"1\"} 2.0\nx_created{k=\"1\"} 100.0\n"
+    second = "# TYPE x counter\nx_total{k=\"1\"} 3.0\nx_created{k=\"1\"} 50.0\nx_total{k=\"2\"} 7.0\n"
+    merged = samples(merge_expositions([first, second]).decode())
+    assert merged == {("x_total", (("k", "1"),)): 5.0, ("x_created", (("k", "1"),)): 50.0, ("x_total", (("k", "2"),)): 7.0}
+
+
+def test_upstreams_sum_their_counters_and_are_healthy_only_if_healthy_everywhere() -> None:
+    def endpoint(requests: int, healthy: bool, ejected: bool) -> dict[str, object]:
+        return {"variant": "a", "url": "http://127.0.0.1:1", "address": "127.0.0.1:1", "requests": requests,
+                "failures": 1, "healthy": healthy, "ejected": ejected, "available": healthy and not ejected,
+                "idle_connections": 2}
+    merged = merge_upstreams([[endpoint(10, True, False)], [endpoint(5, False, True)]])
+    assert merged == [{"variant": "a", "url": "http://127.0.0.1:1", "address": "127.0.0.1:1", "requests": 15,
+                       "failures": 2, "healthy": False, "ejected": True, "available": False, "idle_connections": 4}]
