@@ -110,8 +110,10 @@ async def healthz(request: web.Request) -> web.Response:
     if workers is not None:
         states = await workers.health()
         ready = sum(state["ready"] and state["health"] is not None for state in states)
+        current = sum(state["health"] is not None and state["health"]["version"] == runtime.active.version
+                      for state in states)
         return web.json_response({
-            "status": "ok" if ready == len(states) else "degraded", "version": runtime.active.version,
+            "status": "ok" if ready == current == len(states) else "degraded", "version": runtime.active.version,
             "workers": states, "store_error": events.last_error,
         }, status=200 if ready else 503)
     return web.json_response({

@@ -32,7 +32,7 @@ from balancer.http_server import HttpServer
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import Proxy
 from balancer.runtime import ActiveConfig, Runtime
-from balancer.supervisor import Workers, die_with_supervisor, reserve_port, worker_command
+from balancer.supervisor import WorkerError, Workers, die_with_supervisor, reserve_port, worker_command
 from balancer.upstreams import UpstreamRegistry
 
 logger = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def serve(options: ServeOptions) -> int:
     try:
         with asyncio.Runner(loop_factory=EVENT_LOOPS[options.event_loop]) as runner:
             runner.run(balancer.run_until_signalled())
-    except OSError as exc:
+    except (OSError, WorkerError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
     return 0

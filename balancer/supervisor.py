@@ -46,12 +46,17 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
 CALL_TIMEOUT_S = 30.0  # a worker's answer to the supervisor (a flush waits for its store writer)
 # Gauges whose per-worker values add up (each worker's own share); every other gauge is the same in all
 # workers (weights, config version) and is merged as the largest.
 SUMMED_GAUGES = frozenset({"balancer_in_flight_requests", "balancer_events_pending", "balancer_feedback_value_sum"})
 _PR_SET_PDEATHSIG = 1
 SUPERVISOR_ENVIRONMENT = "BALANCER_SUPERVISOR_PID"  # set for its workers: the pid they die with
+
+
+class WorkerError(Exception):
+    """A worker did not start (it exited first, or never answered)."""
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -95,6 +100,9 @@ class Worker:
     ready: bool = False
     restarts: int = 0
     last_exit: int | None = None
+    failed_starts: int = 0  # in a row; reset once it is ready
+    restart_at: float = 0.0  # loop time before which an exited worker is not started again
+    starting: asyncio.Task[None] | None = None
 
 
 class Workers:
@@ -153,9 +161,10 @@ class Workers:
     async def stop(self) -> None:
         """SIGTERM every worker (each drains its requests), wait, SIGKILL what is left; close the sockets."""
         self.stopping = True
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
+        tasks = [task for task in (self._watch_task, *(worker.starting for worker in self.workers)) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         running = [worker.process for worker in self.workers if worker.process is not None and worker.process.poll() is None]
         for process in running:
             process.send_signal(signal.SIGTERM)
@@ -176,13 +185,13 @@ class Workers:
         logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
     async def _become_ready(self, worker: Worker) -> None:
-        """Wait until `worker` answers /healthz, then push the current config to it."""
+        """Wait until `worker` answers /healthz, then hand it the current config; WorkerError if it cannot."""
         assert worker.process is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT_S
         while True:
             if worker.process.poll() is not None:
-                raise RuntimeError(f"worker {worker.index} exited with {worker.process.returncode} before it was ready")
+                raise WorkerError(f"worker {worker.index} exited with {worker.process.returncode} before it was ready")
             if worker.socket_path.exists():
                 try:
                     await self._call(worker, "GET", "/healthz")
@@ -190,11 +199,15 @@ class Workers:
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
                     pass
             if loop.time() > deadline:
-                raise RuntimeError(f"worker {worker.index} not ready after {READY_TIMEOUT_S:g}s")
+                worker.process.kill()  # hung: the watch starts another
+                raise WorkerError(f"worker {worker.index} not ready after {READY_TIMEOUT_S:g}s; killed")
             await asyncio.sleep(0.05)
-        if self.active is not None:
-            await self._push_one(worker, self.active)
-        worker.ready = True
+        handed: ActiveConfig | None = None
+        while self.active is not None and self.active is not handed:  # a version applied meanwhile goes too
+            handed = self.active
+            await self._push_one(worker, handed)
+        worker.ready = True  # no await since the last check: no push can slip in between
+        worker.failed_starts = 0
         self._alive.set(sum(w.ready for w in self.workers))
 
     async def _push_one(self, worker: Worker, active: ActiveConfig) -> None:
@@ -208,24 +221,33 @@ class Workers:
             logger.error("worker %d refused config version %d: %s", worker.index, active.version, answer.get("message"))
 
     async def _watch(self) -> None:
-        """Start again any worker that exited while the balancer was not stopping."""
+        """Start again any worker that exited while the balancer was not stopping (waiting longer after each
+        start that failed: 0.5 s, 1 s, 2 s, ... up to RESTART_BACKOFF_MAX_S)."""
+        loop = asyncio.get_running_loop()
         while not self.stopping:
             await asyncio.sleep(WATCH_INTERVAL_S)
             for worker in self.workers:
                 process = worker.process
-                if self.stopping or process is None or process.poll() is None:
+                if self.stopping or process is None or process.poll() is None or loop.time() < worker.restart_at:
                     continue
+                worker.ready = False
                 worker.last_exit = process.returncode
                 worker.restarts += 1
                 self._restarted.inc()
+                self._alive.set(sum(w.ready for w in self.workers))
                 logger.error("worker %d (pid %d) exited with %d; starting it again", worker.index, process.pid,
                              process.returncode)
                 self._spawn(worker)
-                self._alive.set(sum(w.ready for w in self.workers))
-                try:
-                    await self._become_ready(worker)
-                except RuntimeError as exc:
-                    logger.error("%s", exc)  # the next pass sees it exited and tries again
+                worker.starting = loop.create_task(self._restart(worker))
+
+    async def _restart(self, worker: Worker) -> None:
+        try:
+            await self._become_ready(worker)
+        except WorkerError as exc:
+            worker.failed_starts += 1
+            backoff = min(RESTART_BACKOFF_MAX_S, WATCH_INTERVAL_S * 2 ** (worker.failed_starts - 1))
+            worker.restart_at = asyncio.get_running_loop().time() + backoff
+            logger.error("%s; the next start in %gs at the earliest", exc, backoff)
 
     async def _call(self, worker: Worker, method: str, path: str, document: object = None) -> str:
         if worker.session is None or worker.session.closed:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -184,3 +185,17 @@ def test_workers_flush_and_stop_when_their_supervisor_is_killed(tmp_path: Path) 
             assert time.monotonic() < deadline, "workers outlived their supervisor"
             time.sleep(0.1)
     assert stored_units(stack.store, "orphan-%") == 20  # each worker flushed its log on the way out
+
+
+def test_a_public_port_another_process_holds_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "exp.yaml", ports={"model_a": [1], "model_b": [2]})
+    with socket.socket() as holder:  # a plain listener: no SO_REUSEPORT, so nobody can share its port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        completed = subprocess.run([sys.executable, "-m", "balancer", "serve", "--config", str(config), "--port",
+                                    str(port), "--admin-port", "0", "--store", str(tmp_path / "o.db"), "--workers", "2"],
+                                   cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1
+    assert "cannot start" in completed.stderr and "Address already in use" in completed.stderr
+    assert "worker 0 started" not in completed.stderr  # refused before any worker
