@@ -638,7 +638,8 @@ def _bounds_section(results: BenchResults) -> str:
         f"would cost {_signed(aiohttp_cpu - floor_cpu, 0)} µs more per request. Each request makes two `send` and two "
         "`recv` system calls, as nginx's does; the rest is uvloop, httptools, the compiled request path and the CPython "
         "object machinery (allocation, attribute and dictionary lookups) it still goes through. Several worker processes "
-        "would raise throughput but not CPU per request.\n" + _model_cpu_paragraph(results)
+        "(`server.workers`, \"Several worker processes\" above) share the load of one port, not the CPU a request "
+        "costs.\n" + _model_cpu_paragraph(results)
     )
 
 
