@@ -12,6 +12,7 @@ on a Unix socket of its own (`build_worker_app`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -122,6 +123,7 @@ async def healthz(request: web.Request) -> web.Response:
         "store_writer_priority": events.running_priority, "store_writer_escalations": events.writer_escalations,
         "store_error": events.last_error,
         "event_loop": "uvloop" if loop_module.startswith("uvloop") else "asyncio", "request_path": native.MODE,
+        "gc_frozen_objects": gc.get_freeze_count(),  # start-up objects full collections skip (app.py)
     })
 
 

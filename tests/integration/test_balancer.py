@@ -213,6 +213,7 @@ async def test_healthz_says_how_the_request_path_and_the_outcome_log_run(stack: 
     assert health["request_path"] == native.decide(native.PACKAGE_DIR, os.environ)[1]
     assert health["rejected_records"] == 0 and health["store_writer_restarts"] == 0 and health["store_error"] is None
     assert isinstance(health["pending_records"], int)
+    assert health["gc_frozen_objects"] > 10_000  # what start-up created: never traversed again
     # the writer starts with the first flush; on this quiet machine it is never starved
     assert health["store_writer_priority"] == "idle" and health["store_writer_escalations"] == 0
 
