@@ -26,14 +26,14 @@ import uvloop
 from aiohttp import web
 
 from balancer import native
-from balancer.admin import build_admin_app, build_worker_app, write_atomically
+from balancer.admin import build_admin_app, build_worker_app
 from balancer.config import MAX_WORKERS, ConfigError, LoadedConfig, ServerSettings, load_experiment
 from balancer.events import EventLog
 from balancer.http_server import HttpServer
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import Proxy
-from balancer.runtime import ActiveConfig, Runtime
-from balancer.supervisor import WorkerError, Workers, die_with_supervisor, reserve_port, worker_command
+from balancer.runtime import Runtime
+from balancer.supervisor import WorkerError, Workers, die_with_supervisor, reserve_port
 from balancer.upstreams import UpstreamRegistry
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,6 @@ class Balancer:
         self.admin_runner: web.AppRunner | None = None
         self.workers: Workers | None = None
         self.reserved_port: socket.socket | None = None
-        self.snapshot: Path | None = None  # the supervisor's copy of the active config, which workers start from
 
     async def start(self) -> None:
         """Open the store, apply the config, start listening."""
@@ -171,7 +170,8 @@ class Balancer:
                 keepalive_timeout_s=settings.client_keepalive_timeout_s,
             )
             await self.public_server.start(settings.host, settings.port, backlog=1024, reuse_port=self.mode == "worker")
-        if self.options.worker_socket is not None:
+        if self.mode == "worker":
+            assert self.options.worker_socket is not None
             self.admin_runner = web.AppRunner(build_worker_app(self.runtime, self.registry, self.events),
                                               handle_signals=False, access_log=None, shutdown_timeout=2.0)
             await self.admin_runner.setup()
@@ -198,24 +198,14 @@ class Balancer:
         self.reserved_port = reserve_port(settings.host, settings.port)
         port = self.reserved_port.getsockname()[1]
         await asyncio.to_thread(self.events.flush)  # the version is in the store before a worker reads it
-        self.workers = Workers(settings.workers, [], drain_timeout_s=options.drain_timeout_s,
-                               registry=self.metrics.registry)
-        self.snapshot = self.workers.folder / "experiment.yaml"
-        await self._write_snapshot(self.runtime.active)
-        self.workers.command = worker_command([
-            "--log-level", options.log_level, "serve", "--config", str(self.snapshot), "--host", settings.host,
-            "--port", str(port), "--store", str(settings.store), "--event-loop", options.event_loop,
+        self.workers = Workers(settings.workers, [
+            "--log-level", options.log_level, "serve", "--host", settings.host, "--port", str(port),
+            "--store", str(settings.store), "--event-loop", options.event_loop,
             "--drain-timeout", f"{options.drain_timeout_s:g}",
-        ])
-        self.runtime.on_applied.append(self._write_snapshot)
+        ], drain_timeout_s=options.drain_timeout_s, registry=self.metrics.registry)
         self.runtime.on_applied.append(self.workers.push)
         assert self.runtime.active is not None
         await self.workers.start(self.runtime.active)
-
-    async def _write_snapshot(self, active: ActiveConfig | None) -> None:
-        """The active config where a worker (re)starting reads it: valid even while the user's file is not."""
-        assert active is not None and self.snapshot is not None
-        await asyncio.to_thread(write_atomically, self.snapshot, active.loaded.body)
 
     async def stop(self) -> None:
         """Graceful stop: no new connections, drain in-flight requests, flush the log."""

@@ -4,7 +4,8 @@ The body is `{"request_id": "...", "value": <finite number>}`; anything else get
 the field. The request must be known (recently answered by this process, or in the store),
 else 404. With several worker processes, feedback may reach another worker than the one that
 answered the request, before that one committed it: an id found nowhere is looked up in the
-store again until `events.peer_commit_s` has passed, and only then refused. The value is queued for the outcome log (last value wins) and counted per variant.
+store again until `events.peer_commit_s` has passed, and only then refused. The value is
+queued for the outcome log (last value wins) and counted per variant.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class Runtime:
         """
         async with self._lock:
             try:
-                loaded = parse_experiment(body, source=str(self.config_path))
+                loaded = await asyncio.to_thread(parse_experiment, body, source=str(self.config_path))
             except ConfigError as exc:
                 return False, self._reject(str(exc), "the supervisor's push")
             if self.active is not None and self.active.version == version and self.active.loaded.hash == loaded.hash:

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.metrics_core import Metric
 
+from balancer.admin import write_atomically
 from balancer.runtime import ActiveConfig
 
 logger = logging.getLogger(__name__)
@@ -108,10 +109,14 @@ class Worker:
 class Workers:
     """The supervisor's view of its workers: start, push config, gather, restart, stop."""
 
-    def __init__(self, count: int, command: list[str], *, drain_timeout_s: float, registry: CollectorRegistry) -> None:
+    def __init__(self, count: int, serve_arguments: list[str], *, drain_timeout_s: float,
+                 registry: CollectorRegistry) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="balancer-workers-")  # mode 0700: only this user
         self.folder = Path(self._folder.name)
-        self.command = command  # `python -m balancer ... serve ...` for one worker, without --worker-socket
+        # The active config's text, where a worker (re)starting reads it: valid even while the user's file is not.
+        self.config_copy = self.folder / "experiment.yaml"
+        # `python -m balancer ... serve ...` for one worker, but for its --config and --worker-socket
+        self.command = [sys.executable, "-m", "balancer", *serve_arguments, "--config", str(self.config_copy)]
         self.drain_timeout_s = drain_timeout_s
         self.workers = [Worker(index, self.folder / f"worker-{index}.sock") for index in range(count)]
         self.active: ActiveConfig | None = None
@@ -123,7 +128,7 @@ class Workers:
 
     async def start(self, active: ActiveConfig) -> None:
         """Start every worker, wait until all answer, hand them `active`; then keep them running."""
-        self.active = active
+        await self._keep(active)
         for worker in self.workers:
             self._spawn(worker)
         await asyncio.gather(*(self._become_ready(worker) for worker in self.workers))
@@ -131,7 +136,7 @@ class Workers:
 
     async def push(self, active: ActiveConfig) -> None:
         """Hand an applied config to every ready worker (Runtime.on_applied); a worker that refuses is logged."""
-        self.active = active
+        await self._keep(active)
         await asyncio.gather(*(self._push_one(worker, active) for worker in self.workers if worker.ready))
 
     async def flush(self) -> None:
@@ -176,6 +181,11 @@ class Workers:
         self._folder.cleanup()
 
     # ---- internals
+
+    async def _keep(self, active: ActiveConfig) -> None:
+        """`active` is what workers get from now on: pushed once ready, read from `config_copy` at start."""
+        self.active = active
+        await asyncio.to_thread(write_atomically, self.config_copy, active.loaded.body)
 
     def _spawn(self, worker: Worker) -> None:
         worker.socket_path.unlink(missing_ok=True)
@@ -278,11 +288,6 @@ def _wait_or_kill(process: subprocess.Popen[bytes], timeout: float) -> None:
         logger.error("worker pid %d did not stop within %gs; killing it", process.pid, timeout)
         process.kill()
         process.wait()
-
-
-def worker_command(argv: Iterable[str]) -> list[str]:
-    """`python -m balancer ...` with `argv` (the supervisor's own serve arguments, adjusted)."""
-    return [sys.executable, "-m", "balancer", *argv]
 
 
 # ---- one /metrics from several processes

@@ -268,6 +268,19 @@ def median_interval(samples: Sequence[float], confidence: float = CONFIDENCE) ->
     return float(bounds.low), float(bounds.high)
 
 
+def _added(hop_runs: Sequence[FixedRateSample], direct_runs: Sequence[FixedRateSample],
+           percentile: str) -> tuple[float, ...]:
+    """Per round: the hop's latency percentile ('p50' or 'p99') − direct calls' in the same round."""
+    return tuple(getattr(hop, f"{percentile}_ms") - getattr(plain, f"{percentile}_ms")
+                 for hop, plain in zip(hop_runs, direct_runs, strict=False))
+
+
+def _throughput_shares(results: BenchResults, mine: Target | None, theirs: Target | None) -> tuple[float, ...]:
+    """Per round: `mine`'s saturation throughput as a % of `theirs`'."""
+    return tuple(_percent(one.requests_per_second, other.requests_per_second) for one, other in
+                 zip(results.saturation_samples(mine), results.saturation_samples(theirs), strict=False))
+
+
 def evaluate_targets(results: BenchResults) -> list[Check]:
     """Issue #9's targets, per backend kind."""
     checks = []
@@ -275,13 +288,11 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
         direct, balancer, nginx = (results.target(kind, hop) for hop in ("direct", "balancer", "nginx"))
         if balancer is None:
             continue
-        def added(percentile: str) -> tuple[float, ...]:  # per round: the balancer's percentile − direct's
-            return tuple(getattr(hop, f"{percentile}_ms") - getattr(plain, f"{percentile}_ms") for hop, plain in
-                         zip(results.fixed_rate_samples(balancer), results.fixed_rate_samples(direct), strict=False))
+        def added(percentile: str) -> tuple[float, ...]:
+            return _added(results.fixed_rate_samples(balancer), results.fixed_rate_samples(direct), percentile)
 
-        def throughput_share(other: Target | None) -> tuple[float, ...]:  # per round, in %
-            return tuple(_percent(mine.requests_per_second, theirs.requests_per_second) for mine, theirs in
-                         zip(results.saturation_samples(balancer), results.saturation_samples(other), strict=False))
+        def throughput_share(other: Target | None) -> tuple[float, ...]:
+            return _throughput_shares(results, balancer, other)
 
         checks += [
             Check("added latency p50 at half saturation (balancer − direct)", kind,
@@ -296,8 +307,7 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
             Check("saturation throughput, balancer / nginx", kind,
                   _percent(results.rps(balancer), results.rps(nginx)), 50.0, "%", False, throughput_share(nginx)),
         ]
-        pinned_added = tuple(hop.p99_ms - plain.p99_ms for hop, plain in
-                             zip(results.pinned_samples(balancer), results.pinned_samples(direct), strict=False))
+        pinned_added = _added(results.pinned_samples(balancer), results.pinned_samples(direct), "p99")
         if pinned_added:
             checks.append(Check(f"added latency p99 at half saturation, {PINNED_HOW} (balancer − direct)", kind,
                                 results.pinned_p99(balancer) - results.pinned_p99(direct), 5.0, "ms", True,
@@ -332,12 +342,10 @@ def _workers_checks(results: BenchResults) -> list[Check]:
     label = f"{results.workers} workers"
 
     def added(percentile: str) -> tuple[float, ...]:
-        return tuple(getattr(hop, f"{percentile}_ms") - getattr(plain, f"{percentile}_ms") for hop, plain in
-                     zip(results.workers_samples(balancer), results.workers_samples(direct), strict=False))
+        return _added(results.workers_samples(balancer), results.workers_samples(direct), percentile)
 
     def share(other: Target | None) -> tuple[float, ...]:
-        return tuple(_percent(mine.requests_per_second, theirs.requests_per_second) for mine, theirs in
-                     zip(results.saturation_samples(balancer), results.saturation_samples(other), strict=False))
+        return _throughput_shares(results, balancer, other)
 
     return [
         Check(f"added latency p50 at half saturation, {label} (balancer − direct)", "noop",
