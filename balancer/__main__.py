@@ -16,7 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
         config=Path(args.config), host=args.host, port=args.port, admin_host=args.admin_host,
         admin_port=args.admin_port, store=args.store,
         admin_token=args.admin_token or os.environ.get("BALANCER_ADMIN_TOKEN") or None,
-        drain_timeout_s=args.drain_timeout, event_loop=args.event_loop, workers=args.workers,
+        drain_timeout_s=args.drain_timeout, event_loop=args.event_loop, workers=args.workers, priority=args.priority,
         worker_socket=args.worker_socket, log_level=args.log_level,
     ))
 
@@ -59,6 +59,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight requests on stop")
     serve.add_argument("--workers", type=int, help="processes serving the public port (default: the file's "
                        "server.workers, 1); more than one: a supervisor process runs them")
+    serve.add_argument("--priority", type=int, metavar="NICENESS", help="the balancer's niceness, -20 to 19 "
+                       "(default: the file's server.priority; none: as started); below 0 needs CAP_SYS_NICE")
     serve.add_argument("--worker-socket", help=argparse.SUPPRESS)  # set by the supervisor for its workers
     serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default=os.environ.get("BALANCER_EVENT_LOOP", "uvloop"),
                        help="uvloop (default; C transports) or asyncio (the standard library's)")

@@ -115,7 +115,7 @@ async def healthz(request: web.Request) -> web.Response:
                       for state in states)
         return web.json_response({
             "status": "ok" if ready == current == len(states) else "degraded", "version": runtime.active.version,
-            "workers": states, "store_error": events.last_error,
+            "workers": states, "store_error": events.last_error, "niceness": os.getpriority(os.PRIO_PROCESS, 0),
         }, status=200 if ready else 503)
     return web.json_response({
         "status": "ok", "version": runtime.active.version, "pending_records": events.pending,
@@ -124,6 +124,7 @@ async def healthz(request: web.Request) -> web.Response:
         "store_error": events.last_error,
         "event_loop": "uvloop" if loop_module.startswith("uvloop") else "asyncio", "request_path": native.MODE,
         "gc_frozen_objects": gc.get_freeze_count(),  # start-up objects full collections skip (app.py)
+        "niceness": os.getpriority(os.PRIO_PROCESS, 0),  # the event loop's thread's (server.priority)
     })
 
 

@@ -15,6 +15,7 @@ import asyncio
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from aiohttp import web
 
 from balancer import native
 from balancer.admin import build_admin_app, build_worker_app
-from balancer.config import MAX_WORKERS, ConfigError, LoadedConfig, ServerSettings, load_experiment
+from balancer.config import MAX_NICENESS, MAX_WORKERS, MIN_NICENESS, ConfigError, LoadedConfig, ServerSettings, load_experiment
 from balancer.events import EventLog
 from balancer.http_server import HttpServer
 from balancer.metrics import BalancerMetrics
@@ -53,6 +54,7 @@ class ServeOptions:
     drain_timeout_s: float = 10.0
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop); see EVENT_LOOPS
     workers: int | None = None
+    priority: int | None = None
     worker_socket: str | None = None  # set by a supervisor for its workers: where this one answers it
     log_level: str = "INFO"  # handed on to workers
 
@@ -61,7 +63,7 @@ def effective_server_settings(loaded: LoadedConfig, options: ServeOptions) -> Se
     """The file's server settings with command-line flags applied on top."""
     overrides = {
         key: value
-        for key in ("host", "port", "admin_host", "admin_port", "store", "workers")
+        for key in ("host", "port", "admin_host", "admin_port", "store", "workers", "priority")
         if (value := getattr(options, key)) is not None
     }
     return loaded.experiment.server.model_copy(update=overrides)
@@ -103,6 +105,23 @@ async def assemble(config: Path, loaded: LoadedConfig, store: str | Path, *, flu
     return Core(events, metrics, registry, runtime, Proxy(runtime, registry, events, metrics))
 
 
+def apply_priority(niceness: int | None, source: str) -> None:
+    """Run this thread, and every thread and process it starts after, at `niceness` (None: as started).
+
+    Linux keeps a niceness per thread, inherited when a thread or process is created: call this before
+    any thread starts. A niceness below the current one the OS refuses without CAP_SYS_NICE or a raised
+    RLIMIT_NICE; the balancer then logs why and serves at the one it has (`/healthz` shows it).
+    """
+    if niceness is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except PermissionError:
+        logger.error("%s: server.priority = %d: the OS refused it (it needs CAP_SYS_NICE, root, or an RLIMIT_NICE "
+                     "of at least %d); serving at niceness %d", source, niceness, 20 - niceness,
+                     os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def freeze_start_up_objects() -> None:
     """Move every object alive now (modules, classes, config; hundreds of thousands) out of the collector's sight.
 
@@ -121,6 +140,8 @@ class Balancer:
         self.options = options
         if options.workers is not None and not 1 <= options.workers <= MAX_WORKERS:
             raise ConfigError(f"--workers {options.workers}: must be between 1 and {MAX_WORKERS}")
+        if options.priority is not None and not MIN_NICENESS <= options.priority <= MAX_NICENESS:
+            raise ConfigError(f"--priority {options.priority}: must be between {MIN_NICENESS} and {MAX_NICENESS}")
         self.loaded = load_experiment(options.config)
         self.settings = effective_server_settings(self.loaded, options)
         # "single": one process does everything; "supervisor" and "worker": see balancer/supervisor.py.
@@ -202,6 +223,7 @@ class Balancer:
             "--log-level", options.log_level, "serve", "--host", settings.host, "--port", str(port),
             "--store", str(settings.store), "--event-loop", options.event_loop,
             "--drain-timeout", f"{options.drain_timeout_s:g}",
+            *([] if settings.priority is None else ["--priority", str(settings.priority)]),
         ], drain_timeout_s=options.drain_timeout_s, registry=self.metrics.registry)
         self.runtime.on_applied.append(self.workers.push)
         assert self.runtime.active is not None
@@ -265,6 +287,7 @@ def serve(options: ServeOptions) -> int:
     except ConfigError as exc:
         logger.error("%s", exc)
         return 2
+    apply_priority(balancer.settings.priority, str(options.config))
     try:
         with asyncio.Runner(loop_factory=EVENT_LOOPS[options.event_loop]) as runner:
             runner.run(balancer.run_until_signalled())

@@ -83,6 +83,7 @@ class UpstreamSettings(_Frozen):
 
 
 MAX_WORKERS = 64
+MIN_NICENESS, MAX_NICENESS = -20, 19  # server.priority: the range of a Linux niceness
 
 
 class ServerSettings(_Frozen):
@@ -101,6 +102,11 @@ class ServerSettings(_Frozen):
     # (preempted the moment a request needs the CPU; raised for a while if a batch then takes too long),
     # "normal" at niceness 10 only.
     store_writer_priority: Literal["idle", "normal"] = "idle"
+    # The balancer's own niceness (-20 to 19, like nginx's worker_priority), set at start for its every thread
+    # and process (workers, store writer: 10 below it); None leaves it as started. A negative value needs
+    # CAP_SYS_NICE (root) or a raised RLIMIT_NICE; without, the balancer logs an error and keeps its own.
+    # Below 0 it keeps its share of a CPU it shares with its backends (see README "Performance").
+    priority: Annotated[int, Field(ge=MIN_NICENESS, le=MAX_NICENESS)] | None = None
     max_in_flight: Annotated[int, Field(ge=1)] = 1024  # per worker process
     # Processes serving the public port (SO_REUSEPORT: the kernel spreads connections over them). With
     # more than one, a supervisor process serves the admin port, watches the file and restarts workers.
