@@ -53,16 +53,18 @@ from bench.stack import (
     FEATURE_CONFIGURATIONS,
     FLOOR_LABEL,
     KINDS,
+    PRIORITY,
     WORKERS,
     BalancerOptions,
     Stack,
     Target,
     check_split,
+    priority_label,
     workers_label,
 )
 from bench.tools import describe_code, describe_machine, ensure_tools, load_average
 from bench.wrk import wrk_command
-from tests.processes import REPO, artifacts_dir
+from tests.processes import REPO, artifacts_dir, may_lower_niceness
 
 logger = logging.getLogger("bench")
 
@@ -123,6 +125,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
         with Stack(workdir, nginx=tools["nginx"], artifacts=artifacts) as stack:
             body_file = stack.body_file
             saturation_targets, latency_targets = _start_everything(stack)
+            priority_targets = [target for target in latency_targets if target.name.endswith(f"({priority_label(PRIORITY)})")]
             load_before = load_average()
             saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
             for target in saturation_targets:  # fill connection pools and caches; not measured
@@ -151,6 +154,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 same_core=same_core, fixed_rate_pinned=fixed_rate_pinned, cold_start=cold_start,
                 cold_start_window_s=settings.cold_window_s, workers=WORKERS, workers_rate=workers_rate,
                 workers_fixed_rate=workers_fixed_rate,
+                priority=PRIORITY if priority_targets else None, priority_targets=priority_targets,
             )
             _add_perf_profiles(results, settings, body_file, tools["wrk"], workdir)
             if profile:
@@ -194,7 +198,9 @@ def _measure_pinned_fixed_rate(latency_targets: list[Target], settings: Settings
     if split is None:
         logger.info("one CPU: no fixed-rate runs with the hop on a CPU of its own")
         return {}
-    return interleaved([target for target in latency_targets if target.kind == "noop"], settings.rounds,
+    label = f"({priority_label(PRIORITY)})"  # on a CPU of its own nothing competes: priority changes nothing
+    return interleaved([target for target in latency_targets if target.kind == "noop" and not target.name.endswith(label)],
+                       settings.rounds,
                        lambda target: measure_fixed_rate(target, rate, settings, body_file, pinned=split),
                        pause_s=settings.pause_s, what="fixed rate, hop on a CPU of its own")
 
@@ -244,11 +250,23 @@ def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
         latency_targets += main_three
         if kind == "noop":  # the same rate with the outcome log and metrics off: is the log in the tail?
             latency_targets += [target for target in balancers if target.name.endswith(f"({FEATURE_BASELINE})")]
+            latency_targets += _priority_targets(stack, upstreams, backend_pids)
     stack.ready()
-    for target in saturation_targets:
+    for target in [*saturation_targets, *(target for target in latency_targets if target not in saturation_targets)]:
         if target.hop != "direct":
             check_split(target, stack.body)
     return saturation_targets, latency_targets
+
+
+def _priority_targets(stack: Stack, upstreams: dict[str, str], backend_pids: tuple[int, ...]) -> list[Target]:
+    """The balancer with server.priority and nginx with worker_priority at PRIORITY, ahead of the backends and the
+    client on the CPUs they share (fixed-rate rounds only); none where the OS refuses a lower niceness."""
+    if not may_lower_niceness():
+        logger.info("no runs at priority %d: lowering the niceness needs root or CAP_SYS_NICE", PRIORITY)
+        return []
+    label = priority_label(PRIORITY)
+    return [stack.balancer("noop", BalancerOptions(label, priority=PRIORITY), upstreams, backend_pids),
+            stack.nginx_proxy("noop", upstreams, backend_pids, priority=PRIORITY)]
 
 
 def _add_perf_profiles(results: BenchResults, settings: Settings, body_file: Path, wrk: str, workdir: Path) -> None:

@@ -20,7 +20,8 @@ def split_percentages(weights: Mapping[str, float]) -> list[tuple[str, str]]:
 
 
 def render_nginx_config(*, listen: str, upstreams: Mapping[str, Sequence[str]], weights: Mapping[str, float],
-                        strategy: str, keepalive: int = 64, workers: int = 1) -> str:
+                        strategy: str, keepalive: int = 64, workers: int = 1,
+                        priority: int | None = None) -> str:
     """nginx.conf for a proxy on `listen` (host:port) splitting traffic over `upstreams` (variant -> host:port list)."""
     if strategy not in SPLIT_KEYS:
         raise ValueError(f"strategy = {strategy!r}: must be one of {sorted(SPLIT_KEYS)}")
@@ -36,7 +37,8 @@ def render_nginx_config(*, listen: str, upstreams: Mapping[str, Sequence[str]], 
     text = TEMPLATE.read_text()
     for placeholder, value in (("@SPLIT_KEY@", SPLIT_KEYS[strategy]), ("@SPLITS@", splits),
                                ("@UPSTREAMS@", blocks), ("@LISTEN@", listen), ("@WORKERS@", str(workers)),
-                               ("@REUSEPORT@", " reuseport" if workers > 1 else "")):
+                               ("@REUSEPORT@", " reuseport" if workers > 1 else ""),
+                               ("@PRIORITY@", "" if priority is None else f"worker_priority {priority};")):
         text = text.replace(placeholder, value)
     return text
 

@@ -135,6 +135,26 @@ def tree_cpu_between(root_pid: int, before: Mapping[int, ProcessTimes],
     return total, children
 
 
+def serving_waits(pids: Iterable[int], proc: Path = Path("/proc")) -> dict[int, int]:
+    """pid -> nanoseconds its main thread has spent runnable but waiting for a CPU (`/proc/<pid>/schedstat`'s
+    second field), for the pids that still exist and are not a balancer's store writer: that one waits by
+    design, at idle priority, while the event loop's (or an nginx worker's) wait delays requests."""
+    waits = {}
+    for pid in pids:
+        try:
+            if b"balancer.store_writer" in (proc / str(pid) / "cmdline").read_bytes():
+                continue
+            waits[pid] = int((proc / str(pid) / "schedstat").read_text().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+    return waits
+
+
+def wait_between(before: Mapping[int, int], after: Mapping[int, int]) -> float:
+    """Seconds of CPU wait the processes of both snapshots added in between (see `serving_waits`)."""
+    return sum(after[pid] - start for pid, start in before.items() if pid in after) / 1e9
+
+
 def microseconds_per_request(cpu_seconds: float, requests: int) -> float:
     """CPU cost of one request in µs (NaN when nothing was served)."""
     return cpu_seconds / requests * 1e6 if requests > 0 else float("nan")

@@ -32,6 +32,11 @@ from bench.stack import (
 
 KIND_TITLES = {"noop": "No-op backends", "model": "Real model servers"}
 PINNED_HOW = "the hop on a CPU of its own"
+# Linux's CFS weight of each niceness from -20 to 19 (kernel/sched/core.c, sched_prio_to_weight)
+NICE_WEIGHTS = dict(zip(range(-20, 20), (
+    88761, 71755, 56483, 46273, 36291, 29154, 23254, 18705, 14949, 11916, 9548, 7620, 6100, 4904, 3906, 3121, 2501,
+    1991, 1586, 1277, 1024, 820, 655, 526, 423, 335, 272, 215, 172, 137, 110, 87, 70, 56, 45, 36, 29, 23, 18, 15),
+    strict=True))
 PROFILE_PLACEHOLDER = (
     "_Not recorded in this run._ `make bench BENCH_ARGS=--profile` samples the balancer with py-spy at "
     "saturation (no-op backends) and fills this section with its top self-time frames.\n\n"
@@ -79,6 +84,10 @@ class BenchResults:
     workers: int = 0
     workers_rate: float | None = None
     workers_fixed_rate: dict[str, list[FixedRateSample]] = field(default_factory=dict)
+    # the balancer (server.priority) and nginx (worker_priority) at niceness `priority`, no-op backends, in the
+    # fixed-rate rounds above (None, []: not measured, e.g. without CAP_SYS_NICE)
+    priority: int | None = None
+    priority_targets: list[Target] = field(default_factory=list)
 
     def target(self, kind: str, hop: str, label: str = "") -> Target | None:
         """The target of `kind` and `hop` ('balancer' with a label for the feature-cost variants)."""
@@ -176,6 +185,14 @@ class BenchResults:
     def workers_latency(self, target: Target | None, percentile: str) -> float:
         """Median latency ('p50' or 'p99') in ms at `workers_rate`."""
         return median([sample.p50_ms if percentile == "p50" else sample.p99_ms for sample in self.workers_samples(target)])
+
+    def fixed_rate_wait(self, target: Target | None) -> float:
+        """Median share of a fixed-rate run the hop's serving threads spent runnable, waiting for a CPU."""
+        return self._median_fixed_rate(target, lambda sample: sample.proxy_wait_share)
+
+    def priority_target(self, hop: str) -> Target | None:
+        """The no-op balancer or nginx run at niceness `priority` (None if not measured)."""
+        return next((target for target in self.priority_targets if target.hop == hop), None)
 
     def fixed_rate_samples(self, target: Target | None) -> list[FixedRateSample]:
         """The target's fixed-rate runs in round order (none for a target not run)."""
@@ -313,6 +330,7 @@ def evaluate_targets(results: BenchResults) -> list[Check]:
                                 results.pinned_p99(balancer) - results.pinned_p99(direct), 5.0, "ms", True,
                                 pinned_added))
     checks += _workers_checks(results)
+    checks += _priority_checks(results)
     cost = results.logging_cost()
     if results.same_core.get("default"):
         assert cost is not None
@@ -361,6 +379,48 @@ def _workers_checks(results: BenchResults) -> list[Check]:
         Check(f"saturation throughput, balancer / nginx, {label} each", "noop",
               _percent(results.rps(balancer), results.rps(nginx)), 50.0, "%", False, share(nginx)),
     ]
+
+
+def _priority_checks(results: BenchResults) -> list[Check]:
+    """The tail target for the balancer at niceness `priority` (the same fixed-rate rounds as the default's)."""
+    balancer, direct = results.priority_target("balancer"), results.target("noop", "direct")
+    if results.priority is None or balancer is None or not results.fixed_rate_samples(balancer):
+        return []
+    return [Check(f"added latency p99 at half saturation, `server.priority: {results.priority}` (balancer − direct)",
+                  "noop", results.latency(balancer, "p99") - results.latency(direct, "p99"), 5.0, "ms", True,
+                  _added(results.fixed_rate_samples(balancer), results.fixed_rate_samples(direct), "p99"))]
+
+
+def _priority_section(results: BenchResults) -> str:
+    """The default balancer and nginx against both at niceness `priority`, in the same fixed-rate rounds."""
+    direct, full, nginx = (results.target("noop", hop) for hop in ("direct", "balancer", "nginx"))
+    ahead, nginx_ahead = results.priority_target("balancer"), results.priority_target("nginx")
+    if results.priority is None or direct is None or ahead is None or not results.fixed_rate_samples(ahead):
+        return ""
+    niceness = results.priority
+    rows = []
+    for label, target in (("balancer", full), (f"balancer, `server.priority: {niceness}`", ahead), ("nginx", nginx),
+                          (f"nginx, `worker_priority {niceness}`", nginx_ahead)):
+        runs = results.fixed_rate_samples(target)
+        if target is None or not runs:
+            continue
+        rows.append(
+            f"| {label} | {_number(results.latency(target, 'p99'), 2)} "
+            f"| {_signed(results.latency(target, 'p99') - results.latency(direct, 'p99'))} "
+            f"| {', '.join(_number(sample.p99_ms, 1) for sample in runs)} "
+            f"| {_number(100 * results.fixed_rate_busy(target), 0)} % | {_share(results.fixed_rate_wait(target))} |\n")
+    return (
+        f"## Ahead of the backends on shared cores (`server.priority: {niceness}`)\n\n"
+        f"The fixed-rate rounds of the no-op backends ({results.rates.get('noop', math.nan):.0f} req/s, cores shared) "
+        f"also ran the balancer with `server.priority: {niceness}` and nginx with `worker_priority {niceness}`: the "
+        "hop at that niceness, the backends and the load generator at 0. Linux's scheduler then weighs the hop's "
+        f"threads {NICE_WEIGHTS[niceness]:,} against their 1,024 (`sched_prio_to_weight`): a woken hop gets a CPU "
+        "ahead of them and keeps it for its turn. \"Waited\" is the time the hop's serving threads (the balancer's "
+        "event loop, nginx's worker) spent runnable but without a CPU, over the run's wall time (`/proc/<pid>/schedstat`; "
+        "the store writer, idle by design, left out).\n\n"
+        "| path | p99 ms | added p99 ms | each round's p99 ms | busy | waited for a CPU |\n"
+        "|---|---|---|---|---|---|\n" + "".join(rows)
+    )
 
 
 def _workers_section(results: BenchResults) -> str:
@@ -415,6 +475,7 @@ def render_report(results: BenchResults) -> str:
         _method_section(results),
         *(_kind_section(results, kind) for kind in KIND_TITLES if results.target(kind, "balancer")),
         _workers_section(results),
+        _priority_section(results),
         _feature_section(results),
         _targets_section(results),
         _bounds_section(results),
@@ -795,7 +856,8 @@ def _tail_section(results: BenchResults) -> str:
             f"| {label} | {_number(results.latency(target, 'p99'), 2)} "
             f"| {_signed(results.latency(target, 'p99') - results.latency(direct, 'p99'))} "
             f"| {_number(at_rate, 0)} | {_number(saturated, 0)} | {_number(at_rate / saturated, 1)}× "
-            f"| {_number(100 * results.fixed_rate_busy(target), 0)} % |\n")
+            f"| {_number(100 * results.fixed_rate_busy(target), 0)} % "
+            f"| {_share(results.fixed_rate_wait(target))} |\n")
     steal = [sample.steal for samples in results.fixed_rate.values() for sample in samples]
     noop_runs = {target.name: results.fixed_rate_samples(target)
                  for target in (direct, full, lean, nginx) if target is not None}
@@ -806,8 +868,11 @@ def _tail_section(results: BenchResults) -> str:
         "over the run's wall time: 100 % is one core kept busy. Below saturation a request costs more CPU than at "
         "saturation: each one wakes the process from `epoll_wait` on its own instead of arriving in a batch that "
         "one wake-up serves.\n\n"
-        "| hop | p99 ms | added p99 ms | CPU µs/req at the fixed rate | at saturation | ratio | busy |\n"
-        "|---|---|---|---|---|---|---|\n" + "".join(rows)
+        "\"Waited\": the time the hop's serving threads (the balancer's event loop, nginx's worker) were runnable "
+        "but had no CPU, over the run's wall time (`/proc/<pid>/schedstat`; the store writer, idle by design, left "
+        "out). A request that arrives while its hop waits waits too.\n\n"
+        "| hop | p99 ms | added p99 ms | CPU µs/req at the fixed rate | at saturation | ratio | busy | waited for a CPU |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "".join(rows)
         + f"\nThe hypervisor took {_number(100 * median(steal), 1)} % of the machine's CPU time during the fixed-rate "
         f"runs (median; from {_number(100 * min(steal, default=float('nan')), 1)} % to "
         f"{_number(100 * max(steal, default=float('nan')), 1)} %, `steal` in `/proc/stat`): time in which every "
@@ -831,16 +896,20 @@ def _pinned_tail(results: BenchResults, paths: tuple[tuple[str, Target | None], 
         added = "—" if target is direct else _signed(p99 - results.pinned_p99(direct))
         busy = median([sample.proxy_busy or math.nan for sample in samples])
         busy_text = "—" if target is direct else f"{_number(100 * busy, 0)} %"
+        waited = "—" if target is direct else _share(median([sample.proxy_wait_share for sample in samples]))
         rows.append(f"| {label} | {_number(p99, 2)} | {added} | {_number(results.latency(target, 'p99'), 2)} "
-                    f"| {', '.join(_number(sample.p99_ms, 1) for sample in samples)} | {busy_text} |\n")
+                    f"| {', '.join(_number(sample.p99_ms, 1) for sample in samples)} | {busy_text} | {waited} "
+                    f"| {_share(median([sample.backend_wait_share for sample in samples]))} |\n")
     return (
         f"\nThe same fixed-rate runs once more, {PINNED_HOW}: the hop's processes (the balancer and its store writer; "
         "nginx's master and worker) pinned to one CPU, the client and the backends to the other (direct calls "
         "leave the first idle), interleaved over the same number of rounds (`measure_fixed_rate(pinned=...)` in "
         "`bench/runs.py`). Nothing else then competes for the hop's core, so the difference from the shared "
         "runs is what sharing the cores with the load generator and the backends adds to the tail.\n\n"
+        "\"Waited\" as above; the backends' is both backends' time waiting for a CPU over the run's wall time (up to "
+        "200 %): they share their CPU with the load generator.\n\n"
         "| path | p99 ms, own CPU | added p99 ms, own CPU | p99 ms, cores shared (above) | each round's p99 ms, own CPU "
-        "| busy |\n|---|---|---|---|---|---|\n" + "".join(rows)
+        "| busy | hop waited for a CPU | backends waited |\n|---|---|---|---|---|---|---|---|\n" + "".join(rows)
     )
 
 
@@ -1024,6 +1093,11 @@ def _ratio(part: float, whole: float) -> str:
 
 def _number(value: float, decimals: int) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.{decimals}f}"
+
+
+def _share(fraction: float) -> str:
+    """A fraction as a percentage with one decimal ("n/a" for NaN: not measured)."""
+    return "n/a" if math.isnan(fraction) else f"{100 * fraction:.1f} %"
 
 
 def _signed(value: float, decimals: int = 2) -> str:

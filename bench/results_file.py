@@ -65,6 +65,7 @@ def load(path: Path) -> BenchResults:
         fields["perf_profiles"] = [_perf_profile(profile) for profile in fields.get("perf_profiles", [])]
         fields["fixed_rate_pinned"] = {name: [_fixed_rate(sample) for sample in samples]
                                        for name, samples in fields.get("fixed_rate_pinned", {}).items()}
+        fields["priority_targets"] = [_target(target) for target in fields.get("priority_targets", [])]
         fields["workers_fixed_rate"] = {name: [_fixed_rate(sample) for sample in samples]
                                         for name, samples in fields.get("workers_fixed_rate", {}).items()}
         fields["cold_start"] = [[_fixed_rate(sample) for sample in samples] for samples in fields.get("cold_start", [])]

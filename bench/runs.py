@@ -19,7 +19,8 @@ from typing import TypeVar
 
 from bench.errors import BenchError
 from bench.procstat import (CpuUsage, ProcessTimes, busy_seconds, cpu_between, machine_times, microseconds_per_request,
-                            pinned_apart, process_tree, snapshot, steal_share, tree_cpu_between)
+                            pinned_apart, process_tree, serving_waits, snapshot, steal_share, tree_cpu_between,
+                            wait_between)
 from bench.stack import Target
 from bench.wrk import WrkResult, run_wrk, wrk_command, wrk_environment
 from tests.processes import REPO
@@ -180,11 +181,25 @@ class FixedRateSample:
     seconds: float = math.nan  # wall time of the whole run, warm-up included
     proxy_cpu: CpuUsage | None = None  # the hop's processes over the whole run (None for direct runs)
     steal: float = math.nan  # share of the machine's CPU time the hypervisor took meanwhile
+    # seconds the hop's serving threads (a balancer's event loops, nginx's workers) were runnable but waited for a
+    # CPU, over the whole run (NaN for direct runs and runs from before it was measured)
+    proxy_wait_s: float = math.nan
+    backend_wait_s: float = math.nan  # the same for the backends' processes
 
     @property
     def proxy_us_per_request(self) -> float | None:
         """CPU µs of the hop's processes per request dispatched (None for direct runs)."""
         return None if self.proxy_cpu is None else microseconds_per_request(self.proxy_cpu.total_s, self.dispatched)
+
+    @property
+    def proxy_wait_share(self) -> float:
+        """`proxy_wait_s` over the run's wall time: 0.1 is a tenth of the run spent waiting for a CPU."""
+        return self.proxy_wait_s / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def backend_wait_share(self) -> float:
+        """`backend_wait_s` over the run's wall time (both backends: up to 2.0)."""
+        return self.backend_wait_s / self.seconds if self.seconds > 0 else math.nan
 
     @property
     def proxy_busy(self) -> float | None:
@@ -253,6 +268,7 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
         if pinned is not None:
             placement.enter_context(pinned_apart(proxy_pids, target.backend_pids, *pinned))
         proxy_before, machine_before, started = snapshot(proxy_pids), machine_times(), time.monotonic()
+        waits_before, backend_waits_before = serving_waits(proxy_pids), serving_waits(target.backend_pids)
         try:
             completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False,
                                        preexec_fn=None if pinned is None else partial(os.sched_setaffinity, 0,
@@ -262,6 +278,8 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
     # The client's start-up is inside this window: `python -m bench.openloop` starts an interpreter that then
     # execs the compiled client, 60-80 ms on this machine (`time`), so busy shares read about 1.5 % low.
     seconds, machine_after = time.monotonic() - started, machine_times()
+    waited = wait_between(waits_before, serving_waits(proxy_pids)) if proxy_pids else math.nan
+    backends_waited = wait_between(backend_waits_before, serving_waits(target.backend_pids))
     proxy_cpu, _ = hop_cpu(target, proxy_before)
     if completed.returncode != 0:
         raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
@@ -275,7 +293,7 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
                            p99_ms=latency["p99"], p999_ms=latency["p99.9"], late_ms_p99=summary["late_ms_p99"],
                            client_cpu_s=summary["client_cpu_s"], seconds=seconds,
                            dispatched=summary["sent"] + round(rate * settings.warmup_s),
-                           proxy_cpu=proxy_cpu,
+                           proxy_cpu=proxy_cpu, proxy_wait_s=waited, backend_wait_s=backends_waited,
                            steal=steal_share(machine_before, machine_after))
 
 

@@ -47,15 +47,24 @@ class BalancerOptions:
     event_loop: str = "uvloop"  # `serve --event-loop`
     interpreted: bool = False  # BALANCER_PURE_PYTHON=1: the .py sources instead of the compiled modules
     workers: int = 1  # server.workers
+    priority: int | None = None  # server.priority (the balancer's niceness)
 
 
 KINDS = ("noop", "model")
 WORKERS = 2  # the worker processes of the multi-process balancer and nginx compared (one per core here)
+# The niceness the balancer (server.priority) and nginx (worker_priority) are also measured at: ahead of the
+# backends and the load generator (niceness 0) on the CPUs they share.
+PRIORITY = -5
 
 
 def workers_label(workers: int) -> str:
     """How targets with several worker processes are labelled: 'noop balancer (2 workers)'."""
     return f"{workers} workers"
+
+
+def priority_label(niceness: int) -> str:
+    """How targets run at another niceness are labelled: 'noop nginx (priority -5)'."""
+    return f"priority {niceness}"
 
 FEATURE_BASELINE = "outcomes and metrics off"
 # every balancer configuration measured on the no-op backends; the first is the production default
@@ -103,6 +112,8 @@ def balancer_yaml(options: BalancerOptions, upstreams: Mapping[str, str]) -> str
         "server": {"record_outcomes": options.record_outcomes, "export_metrics": options.export_metrics,
                    "workers": options.workers},
     }
+    if options.priority is not None:
+        document["server"]["priority"] = options.priority
     text = yaml.safe_dump(document, sort_keys=False)
     parse_experiment(text, source=f"<bench {options.label}>")
     return text
@@ -190,17 +201,21 @@ class Stack:
                       backend_pids=backend_pids, command=tuple(command))
 
     def nginx_proxy(self, kind: str, upstreams: Mapping[str, str], backend_pids: tuple[int, ...], *,
-                    workers: int = 1) -> Target:
-        """Start nginx (`workers` workers, sticky 50/50 on X-User-ID, upstream keep-alive); ready after `ready()`."""
-        suffix = "" if workers == 1 else f"-{workers}-workers"
+                    workers: int = 1, priority: int | None = None) -> Target:
+        """Start nginx (`workers` workers at niceness `priority`, sticky 50/50 on X-User-ID, upstream keep-alive);
+        ready after `ready()`."""
+        suffix = ("" if workers == 1 else f"-{workers}-workers") + ("" if priority is None else f"-priority{priority}")
         prefix = self.workdir / f"nginx-{kind}{suffix}"
         port = free_port()
         config = render_nginx_config(listen=f"{HOST}:{port}", upstreams={name: [upstreams[name]] for name in VARIANTS},
-                                     weights=WEIGHTS, strategy="sticky", workers=workers)
+                                     weights=WEIGHTS, strategy="sticky", workers=workers, priority=priority)
         write_nginx_prefix(prefix, config)
         command = nginx_command(self.nginx, prefix)
         process = self._spawn(f"nginx-{kind}{suffix}", command, f"http://{HOST}:{port}/healthz")
-        return Target(name=f"{kind} nginx" + ("" if workers == 1 else f" ({workers_label(workers)})"), kind=kind, hop="nginx", url=f"http://{HOST}:{port}{PREDICT_PATH}",
+        label = ", ".join([*([] if workers == 1 else [workers_label(workers)]),
+                           *([] if priority is None else [priority_label(priority)])])
+        return Target(name=f"{kind} nginx" + (f" ({label})" if label else ""), kind=kind, hop="nginx",
+                      url=f"http://{HOST}:{port}{PREDICT_PATH}",
                       proxy_pid=process.pid, backend_pids=backend_pids, command=tuple(command))
 
     def ready(self) -> None:

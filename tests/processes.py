@@ -89,6 +89,12 @@ def running(args: list[str], ready_url: str, *, log: Path, env: dict[str, str] |
         stop(process)
 
 
+def may_lower_niceness() -> bool:
+    """Whether a process started from here may lower its niceness (root, CAP_SYS_NICE or RLIMIT_NICE)."""
+    probe = f"import os; os.setpriority(os.PRIO_PROCESS, 0, {os.getpriority(os.PRIO_PROCESS, 0) - 1})"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False).returncode == 0
+
+
 def log_tail(log: Path, lines: int = 20) -> str:
     """The last `lines` lines of a process's log, for a failure message."""
     try:

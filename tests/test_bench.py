@@ -45,17 +45,20 @@ from bench.procstat import (
     parse_stat,
     pinned_apart,
     process_tree,
+    serving_waits,
     snapshot,
     split_cpus,
     steal_share,
     tree_cpu_between,
+    wait_between,
 )
 from bench.loop_stalls import WRITERS, Stalls
 from bench.profile import Profile, parse_collapsed
 from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
-from bench.runs import (QUICK, FixedRateSample, SaturationSample, openloop_command, paired_samples,
+from bench.runs import (QUICK, FixedRateSample, SaturationSample, measure_fixed_rate, openloop_command, paired_samples,
                         throughput_ratio)
-from bench.stack import ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, Target, balancer_yaml
+from bench.stack import (ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, BalancerOptions, Target,
+                         balancer_yaml)
 from bench.tools import ensure_tools, find_tool
 from bench.wrk import parse_wrk_output, wrk_command, wrk_environment
 from tests.processes import REPO, free_port, running
@@ -590,6 +593,24 @@ def test_openloop_holds_the_rate_against_the_noop_backend(tmp_path: Path, body_f
 
 
 @pytest.mark.usefixtures("openloop_client")
+def test_a_fixed_rate_run_measures_the_hops_and_the_backends_wait_for_a_cpu(tmp_path: Path, body_file: Path) -> None:
+    ports = free_port(), free_port()
+    with (running(["tests/noop_backend.py", "--port", str(ports[0])], f"http://127.0.0.1:{ports[0]}/healthz",
+                  log=tmp_path / "hop.log") as hop,
+          running(["tests/noop_backend.py", "--port", str(ports[1])], f"http://127.0.0.1:{ports[1]}/healthz",
+                  log=tmp_path / "backend.log") as backend):
+        # the "hop" is a no-op backend too: only the accounting is under test
+        target = Target(name="noop balancer", kind="noop", hop="balancer", url=f"http://127.0.0.1:{ports[0]}/predict",
+                        proxy_pid=hop.pid, backend_pids=(backend.pid,))
+        sample = measure_fixed_rate(target, 400, replace(QUICK, fixed_rate_s=1.0, warmup_s=0.2), body_file)
+    assert sample.completed == 400 and sample.errors == 0
+    assert sample.proxy_cpu is not None and sample.proxy_cpu.total_s > 0
+    assert 0 <= sample.proxy_wait_s < sample.seconds and 0 <= sample.proxy_wait_share < 1
+    assert sample.backend_wait_s == 0  # no request reached it: it slept throughout
+    assert sample.backend_wait_share == 0
+
+
+@pytest.mark.usefixtures("openloop_client")
 def test_queue_wait_counts_in_the_latency_when_the_server_is_slower_than_the_rate(
         tmp_path: Path, body_file: Path) -> None:
     port = free_port()  # 2 connections x 1 answer per 50 ms = 40 answers/s, asked for 100/s
@@ -937,6 +958,8 @@ def test_pinned_fixed_rate_runs_give_their_own_p99_row_and_table(tmp_path: Path)
     results.fixed_rate_pinned = {"noop direct": fixed_runs([1.0, 1.5, 1.0, 2.0, 1.0], None),
                                  "noop balancer": fixed_runs([3.0, 4.5, 3.5, 4.0, 9.0], 6.0),
                                  "noop nginx": fixed_runs([2.0] * 5, 4.0)}
+    results.fixed_rate_pinned["noop balancer"] = [replace(sample, proxy_wait_s=0.1 * index, backend_wait_s=3.0)
+                                                  for index, sample in enumerate(results.fixed_rate_pinned["noop balancer"])]
     checks = {check.goal: check for check in evaluate_targets(results)}
     pinned_p99 = checks["added latency p99 at half saturation, the hop on a CPU of its own (balancer − direct)"]
     assert pinned_p99.measured == pytest.approx(4.0 - 1.0)  # medians of each path's rounds
@@ -944,8 +967,9 @@ def test_pinned_fixed_rate_runs_give_their_own_p99_row_and_table(tmp_path: Path)
     assert pinned_p99.met is True
     report = render_report(results)
     assert "The same fixed-rate runs once more, the hop on a CPU of its own" in report
-    assert "| balancer | 4.00 | +3.00 | 9.00 | 3.0, 4.5, 3.5, 4.0, 9.0 | 60 % |" in report
-    assert "| direct | 1.00 | — | 2.00 | 1.0, 1.5, 1.0, 2.0, 1.0 | — |" in report
+    # waits over 10 s runs: the hop's median 0.2 s, the backends' 3 s (both together)
+    assert "| balancer | 4.00 | +3.00 | 9.00 | 3.0, 4.5, 3.5, 4.0, 9.0 | 60 % | 2.0 % | 30.0 % |" in report
+    assert "| direct | 1.00 | — | 2.00 | 1.0, 1.5, 1.0, 2.0, 1.0 | — | — | n/a |" in report
     assert render_report(saved_and_loaded(results, tmp_path)) == report
 
 
@@ -1019,4 +1043,54 @@ def test_worker_processes_get_their_own_section_and_targets_at_their_own_rate(tm
     assert "| 50 % | 4.0, 3.0, 9.0 |" in report  # busy: 5 CPU seconds over 10 s
     assert "balancer with 2 workers / with one process, saturation: **1.60×**; / nginx with 2 workers: **0.25×**" in report
     assert "| fixed rate, 2 workers' rate | noop balancer (2 workers) | 3 |" in report
+    assert render_report(saved_and_loaded(results, tmp_path)) == report
+
+
+def test_the_wait_for_a_cpu_counts_serving_threads_and_leaves_the_store_writer_out(tmp_path: Path) -> None:
+    def write(pid: int, command: bytes, waited_ns: int) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        (tmp_path / str(pid) / "cmdline").write_bytes(command)
+        (tmp_path / str(pid) / "schedstat").write_text(f"123456 {waited_ns} 789\n")
+
+    write(100, b"python\0-m\0balancer\0serve\0", 2_000_000)
+    write(101, b"python\0-m\0balancer.store_writer\0--store\0x.db\0", 9_000_000_000)
+    before = serving_waits([100, 101, 555], tmp_path)  # 555 does not exist
+    assert before == {100: 2_000_000}
+    write(100, b"python\0-m\0balancer\0serve\0", 502_000_000)
+    write(101, b"python\0-m\0balancer.store_writer\0--store\0x.db\0", 19_000_000_000)
+    assert wait_between(before, serving_waits([100, 101], tmp_path)) == pytest.approx(0.5)
+    sample = fixed_runs([1.0], 1.0)[0]
+    assert math.isnan(sample.proxy_wait_share)  # runs from before it was measured
+    assert replace(sample, proxy_wait_s=2.5).proxy_wait_share == pytest.approx(0.25)
+
+
+def test_nginx_takes_the_priority_the_balancer_is_measured_at() -> None:
+    upstreams, weights = {"a": ["h:1"], "b": ["h:2"]}, {"a": 1, "b": 1}
+    plain = render_nginx_config(listen="127.0.0.1:1", upstreams=upstreams, weights=weights, strategy="sticky")
+    ahead = render_nginx_config(listen="127.0.0.1:1", upstreams=upstreams, weights=weights, strategy="sticky",
+                                priority=-5)
+    assert "\nworker_priority" not in plain and "@" not in plain
+    assert "\nworker_priority -5;\n" in ahead
+    assert "priority: -5" in balancer_yaml(BalancerOptions("priority -5", priority=-5), {"model_a": "h:1",
+                                                                                       "model_b": "h:2"})
+
+
+def test_the_priority_runs_get_their_own_section_and_target_beside_the_default(tmp_path: Path) -> None:
+    results = _results()
+    assert "## Ahead of the backends" not in render_report(results)  # results from before them
+    results.priority = -5
+    results.priority_targets = [Target(name="noop balancer (priority -5)", kind="noop", hop="balancer", url="u"),
+                                Target(name="noop nginx (priority -5)", kind="noop", hop="nginx", url="u")]
+    results.fixed_rate["noop balancer (priority -5)"] = [
+        replace(sample, proxy_wait_s=1.1) for sample in fixed_runs([3.5], 6.6, rate=500)]
+    results.fixed_rate["noop nginx (priority -5)"] = fixed_runs([2.5], 4.4, rate=500)
+    checks = {check.goal: check for check in evaluate_targets(results)}
+    ahead = checks["added latency p99 at half saturation, `server.priority: -5` (balancer − direct)"]
+    assert ahead.measured == pytest.approx(3.5 - 2.0) and ahead.met
+    assert checks["added latency p99 at half saturation (balancer − direct)"].measured == pytest.approx(7.0)
+    report = render_report(results)
+    assert "## Ahead of the backends on shared cores (`server.priority: -5`)" in report
+    assert "weighs the hop's threads 3,121 against their 1,024" in report
+    assert "| balancer, `server.priority: -5` | 3.50 | +1.50 | 3.5 | 66 % | 11.0 % |" in report
+    assert "| nginx, `worker_priority -5` | 2.50 | +0.50 | 2.5 | 44 % | n/a |" in report
     assert render_report(saved_and_loaded(results, tmp_path)) == report

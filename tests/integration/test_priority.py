@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.processes import noop_stack, stop
+from tests.processes import may_lower_niceness, noop_stack, stop
 
 
 def thread_niceness(pid: int) -> dict[str, int]:
@@ -26,12 +26,6 @@ def thread_niceness(pid: int) -> dict[str, int]:
 def children(pid: int) -> list[int]:
     listing = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
     return [int(child) for child in listing.split()]
-
-
-def may_lower_niceness() -> bool:
-    """Whether a process started from here may lower its niceness (root, CAP_SYS_NICE or RLIMIT_NICE)."""
-    probe = f"import os; os.setpriority(os.PRIO_PROCESS, 0, {os.getpriority(os.PRIO_PROCESS, 0) - 1})"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False).returncode == 0
 
 
 def settled_niceness(pid: int, started: int, timeout_s: float = 10.0) -> set[int]:
