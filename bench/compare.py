@@ -1,7 +1,7 @@
 """Saturation throughput of this checkout's balancer against another commit's, in back-to-back pairs.
 
     python -m bench.compare --base 2b94d0d [--method same-core|back-to-back|latency] [--pairs 8] [--seconds 4]
-                            [--rate 12000] [--cores pinned|shared] [--configuration default]
+                            [--rate 12000] [--cores pinned|shared] [--configuration default] [--priority -5]
 
 Does a change help? `make bench` measures one tree; its figures move by tens of per cent
 between runs on a shared machine, more than most changes are worth. This checks `--base` out
@@ -23,6 +23,8 @@ of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, 
 
 `--configuration` runs this tree's balancer with features off (as `bench.same_core` names them),
 against base's default: `--base HEAD --configuration outcomes-off` measures what the outcome log costs.
+`--priority N` runs this tree's balancer at `server.priority: N`: `--base HEAD --method latency --cores
+shared --priority -5` measures what running ahead of the backends and the client does to the tail.
 
 The median over the pairs is the answer.
 """
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency method: the hop on a CPU of its own, or every process on every CPU")
     parser.add_argument("--configuration", choices=tuple(CONFIGURATIONS), default="default",
                         help="this tree's balancer configuration (base's is the default)")
+    parser.add_argument("--priority", type=int, metavar="NICENESS",
+                        help="run this tree's balancer at server.priority NICENESS (base's as started)")
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.seconds <= 0 or args.rate <= 0:
         parser.error("--pairs must be at least 1, --seconds and --rate above 0")
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             with Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
                 body_file = stack.body_file
                 upstreams, backend_pids = stack.backends("noop")
-                this = stack.balancer("noop", CONFIGURATIONS[args.configuration], upstreams, backend_pids)
+                this = stack.balancer("noop", replace(CONFIGURATIONS[args.configuration], priority=args.priority),
+                                      upstreams, backend_pids)
                 other = stack.balancer("noop", BalancerOptions(BASE_LABEL), upstreams, backend_pids, source=base)
                 stack.ready()
                 if args.method == "same-core":
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder / "base")],
                            capture_output=True, check=False)
-    tree = (f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}, {args.configuration}) / "
+    configuration = args.configuration + ("" if args.priority is None else f", server.priority {args.priority}")
+    tree = (f"this tree ({native.decide(native.PACKAGE_DIR, os.environ)[1]}, {configuration}) / "
             f"{args.base} (default)")
     if args.method == "same-core":
         print(f"{tree}, both on one core (base's CPU per request ÷ this tree's): " + summarize(ratios, args.seconds))
