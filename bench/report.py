@@ -186,6 +186,10 @@ class BenchResults:
         """Median latency ('p50' or 'p99') in ms at `workers_rate`."""
         return median([sample.p50_ms if percentile == "p50" else sample.p99_ms for sample in self.workers_samples(target)])
 
+    def fixed_rate_queued(self, target: Target | None) -> float:
+        """Median share of a fixed-rate run's requests that waited in the client for a free connection."""
+        return self._median_fixed_rate(target, lambda sample: sample.queued_share)
+
     def fixed_rate_wait(self, target: Target | None) -> float:
         """Median share of a fixed-rate run the hop's serving threads spent runnable, waiting for a CPU."""
         return self._median_fixed_rate(target, lambda sample: sample.proxy_wait_share)
@@ -408,7 +412,8 @@ def _priority_section(results: BenchResults) -> str:
             f"| {label} | {_number(results.latency(target, 'p99'), 2)} "
             f"| {_signed(results.latency(target, 'p99') - results.latency(direct, 'p99'))} "
             f"| {', '.join(_number(sample.p99_ms, 1) for sample in runs)} "
-            f"| {_number(100 * results.fixed_rate_busy(target), 0)} % | {_share(results.fixed_rate_wait(target))} |\n")
+            f"| {_number(100 * results.fixed_rate_busy(target), 0)} % | {_share(results.fixed_rate_wait(target))} "
+            f"| {_share(results.fixed_rate_queued(target))} |\n")
     return (
         f"## Ahead of the backends on shared cores (`server.priority: {niceness}`)\n\n"
         f"The fixed-rate rounds of the no-op backends ({results.rates.get('noop', math.nan):.0f} req/s, cores shared) "
@@ -418,8 +423,11 @@ def _priority_section(results: BenchResults) -> str:
         "ahead of them and keeps it for its turn. \"Waited\" is the time the hop's serving threads (the balancer's "
         "event loop, nginx's worker) spent runnable but without a CPU, over the run's wall time (`/proc/<pid>/schedstat`; "
         "the store writer, idle by design, left out).\n\n"
-        "| path | p99 ms | added p99 ms | each round's p99 ms | busy | waited for a CPU |\n"
-        "|---|---|---|---|---|---|\n" + "".join(rows)
+        "| path | p99 ms | added p99 ms | each round's p99 ms | busy | waited for a CPU | queued |\n"
+        "|---|---|---|---|---|---|---|\n" + "".join(rows)
+        + "\n\"Queued\": the share of requests that found all the client's connections busy (see \"What bounds the tail "
+        "latency\"). `python -m bench.compare --base HEAD --method latency --cores shared --priority "
+        f"{niceness}` compares the two balancers alone, in pairs of runs.\n"
     )
 
 
@@ -857,10 +865,13 @@ def _tail_section(results: BenchResults) -> str:
             f"| {_signed(results.latency(target, 'p99') - results.latency(direct, 'p99'))} "
             f"| {_number(at_rate, 0)} | {_number(saturated, 0)} | {_number(at_rate / saturated, 1)}× "
             f"| {_number(100 * results.fixed_rate_busy(target), 0)} % "
-            f"| {_share(results.fixed_rate_wait(target))} |\n")
+            f"| {_share(results.fixed_rate_wait(target))} "
+            f"| {_share(results.fixed_rate_queued(target))} |\n")
     steal = [sample.steal for samples in results.fixed_rate.values() for sample in samples]
     noop_runs = {target.name: results.fixed_rate_samples(target)
                  for target in (direct, full, lean, nginx) if target is not None}
+    hop_runs = {target.name: results.fixed_rate_samples(target)
+                for target in (full, lean, nginx, *results.priority_targets) if target is not None}
     return (
         "## What bounds the tail latency\n\n"
         f"The fixed-rate runs of the no-op backends ({rate:.0f} req/s), with the CPU the hop's processes used during "
@@ -871,8 +882,9 @@ def _tail_section(results: BenchResults) -> str:
         "\"Waited\": the time the hop's serving threads (the balancer's event loop, nginx's worker) were runnable "
         "but had no CPU, over the run's wall time (`/proc/<pid>/schedstat`; the store writer, idle by design, left "
         "out). A request that arrives while its hop waits waits too.\n\n"
-        "| hop | p99 ms | added p99 ms | CPU µs/req at the fixed rate | at saturation | ratio | busy | waited for a CPU |\n"
-        "|---|---|---|---|---|---|---|---|\n" + "".join(rows)
+        "| hop | p99 ms | added p99 ms | CPU µs/req at the fixed rate | at saturation | ratio | busy | waited for a CPU "
+        "| queued |\n|---|---|---|---|---|---|---|---|---|\n" + "".join(rows)
+        + "\n" + queue_correlation(hop_runs, results.settings.rate_connections, rate) + "\n"
         + f"\nThe hypervisor took {_number(100 * median(steal), 1)} % of the machine's CPU time during the fixed-rate "
         f"runs (median; from {_number(100 * min(steal, default=float('nan')), 1)} % to "
         f"{_number(100 * max(steal, default=float('nan')), 1)} %, `steal` in `/proc/stat`): time in which every "
@@ -939,6 +951,21 @@ def _cold_start_section(results: BenchResults) -> str:
         "|---|---|---|---|---|\n" + "".join(rows)
         + "\n" + summarize_cold_start(starts, window_s)[-1].capitalize() + ".\n"
     )
+
+
+def queue_correlation(runs: dict[str, list[FixedRateSample]], connections: int, rate: float) -> str:
+    """How a run's p99 ranks with its share of requests that waited in the client for a free connection: a sentence."""
+    pairs = [(sample.queued_share, sample.p99_ms) for samples in runs.values() for sample in samples
+             if not (math.isnan(sample.queued_share) or math.isnan(sample.p99_ms))]
+    if len(pairs) < 5 or len({queued for queued, _ in pairs}) < 2 or len({p99 for _, p99 in pairs}) < 2:
+        return ""
+    rho, p_value = spearmanr(*zip(*pairs, strict=True))
+    return (f"The client holds {connections} connections: a request due while all of them wait for answers waits for "
+            f"one in the client, and that wait counts in its latency. That happens whenever a hop takes longer than "
+            f"{connections} / {rate:.0f} req/s = {1000 * connections / rate:.2f} ms to answer the requests it holds, "
+            "and the queue then drains only as fast as the hop answers. Over the "
+            f"{len(pairs)} fixed-rate runs through a hop above, a run's p99 and its share of such requests (\"queued\") "
+            f"have a Spearman rank correlation of {float(rho):.2f} (p = {float(p_value):.2g}).")
 
 
 def steal_correlation(runs: dict[str, list[FixedRateSample]]) -> str:

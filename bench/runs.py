@@ -197,6 +197,11 @@ class FixedRateSample:
         return self.proxy_wait_s / self.seconds if self.seconds > 0 else math.nan
 
     @property
+    def queued_share(self) -> float:
+        """Share of the measured requests that found every connection busy and waited for one in the client."""
+        return self.queued / self.completed if self.completed > 0 else math.nan
+
+    @property
     def backend_wait_share(self) -> float:
         """`backend_wait_s` over the run's wall time (both backends: up to 2.0)."""
         return self.backend_wait_s / self.seconds if self.seconds > 0 else math.nan

@@ -1082,7 +1082,7 @@ def test_the_priority_runs_get_their_own_section_and_target_beside_the_default(t
     results.priority_targets = [Target(name="noop balancer (priority -5)", kind="noop", hop="balancer", url="u"),
                                 Target(name="noop nginx (priority -5)", kind="noop", hop="nginx", url="u")]
     results.fixed_rate["noop balancer (priority -5)"] = [
-        replace(sample, proxy_wait_s=1.1) for sample in fixed_runs([3.5], 6.6, rate=500)]
+        replace(sample, proxy_wait_s=1.1, queued=250) for sample in fixed_runs([3.5], 6.6, rate=500)]
     results.fixed_rate["noop nginx (priority -5)"] = fixed_runs([2.5], 4.4, rate=500)
     checks = {check.goal: check for check in evaluate_targets(results)}
     ahead = checks["added latency p99 at half saturation, `server.priority: -5` (balancer − direct)"]
@@ -1091,6 +1091,21 @@ def test_the_priority_runs_get_their_own_section_and_target_beside_the_default(t
     report = render_report(results)
     assert "## Ahead of the backends on shared cores (`server.priority: -5`)" in report
     assert "weighs the hop's threads 3,121 against their 1,024" in report
-    assert "| balancer, `server.priority: -5` | 3.50 | +1.50 | 3.5 | 66 % | 11.0 % |" in report
-    assert "| nginx, `worker_priority -5` | 2.50 | +0.50 | 2.5 | 44 % | n/a |" in report
+    # 250 of 5,000 requests queued in the client for a connection
+    assert "| balancer, `server.priority: -5` | 3.50 | +1.50 | 3.5 | 66 % | 11.0 % | 5.0 % |\n" in report
+    assert "| nginx, `worker_priority -5` | 2.50 | +0.50 | 2.5 | 44 % | n/a | 0.0 % |\n" in report
     assert render_report(saved_and_loaded(results, tmp_path)) == report
+
+
+def test_the_tail_section_ranks_each_runs_p99_against_its_share_of_requests_queued_in_the_client() -> None:
+    results = _results()
+    results.fixed_rate["noop balancer"] = [replace(sample, queued=queued) for sample, queued in
+                                           zip(fixed_runs([9.0, 4.0, 20.0], 2.2), (400, 100, 900), strict=True)]
+    results.fixed_rate["noop nginx"] = [replace(sample, queued=queued) for sample, queued in
+                                        zip(fixed_runs([3.0, 2.0, 5.0], 0.55), (50, 0, 200), strict=True)]
+    report = render_report(results)
+    # the balancer's median run queued 400 of its 5,000 requests
+    assert "| 8.0 % |\n| nginx |" in report
+    assert "32 / 500 req/s = 64.00 ms" in report
+    assert ("Over the 6 fixed-rate runs through a hop above, a run's p99 and its share of such requests "
+            "(\"queued\") have a Spearman rank correlation of 1.00") in report
