@@ -49,6 +49,12 @@ READY_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.5
 RESTART_BACKOFF_MAX_S = 30.0
 CALL_TIMEOUT_S = 30.0  # a worker's answer to the supervisor (a flush waits for its store writer)
+# A worker's answer to a pushed config: parsing and applying it takes milliseconds. A worker that does not
+# take a version in that time, or refuses it, is replaced, so that every worker serves the same version.
+APPLY_TIMEOUT_S = 5.0
+# A worker's answer to /healthz, /metrics and /admin/upstreams, gathered for the supervisor's own: one worker
+# that hangs must not hang the health check (it shows as not answering) or the scrape.
+QUERY_TIMEOUT_S = 2.0
 # Gauges whose per-worker values add up (each worker's own share); every other gauge is the same in all
 # workers (weights, config version) and is merged as the largest.
 SUMMED_GAUGES = frozenset({"balancer_in_flight_requests", "balancer_events_pending", "balancer_feedback_value_sum"})
@@ -104,6 +110,7 @@ class Worker:
     failed_starts: int = 0  # in a row; reset once it is ready
     restart_at: float = 0.0  # loop time before which an exited worker is not started again
     starting: asyncio.Task[None] | None = None
+    replacing: asyncio.Task[None] | None = None  # stopping a worker that did not take a version
 
 
 class Workers:
@@ -135,9 +142,15 @@ class Workers:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     async def push(self, active: ActiveConfig) -> None:
-        """Hand an applied config to every ready worker (Runtime.on_applied); a worker that refuses is logged."""
+        """Hand an applied config to every ready worker (Runtime.on_applied); one that refuses it or does not
+        answer in APPLY_TIMEOUT_S is replaced: stopped (it drains and flushes its log first), then started again
+        on this version by the watch."""
         await self._keep(active)
-        await asyncio.gather(*(self._push_one(worker, active) for worker in self.workers if worker.ready))
+        ready = [worker for worker in self.workers if worker.ready]
+        taken = await asyncio.gather(*(self._push_one(worker, active) for worker in ready))
+        for worker, took in zip(ready, taken, strict=True):
+            if not took and worker.ready and not self.stopping:
+                self._replace(worker, f"did not take config version {active.version}")
 
     async def flush(self) -> None:
         """Every worker commits what it logged so far (before a report reads the store)."""
@@ -166,7 +179,8 @@ class Workers:
     async def stop(self) -> None:
         """SIGTERM every worker (each drains its requests), wait, SIGKILL what is left; close the sockets."""
         self.stopping = True
-        tasks = [task for task in (self._watch_task, *(worker.starting for worker in self.workers)) if task is not None]
+        tasks = [task for task in (self._watch_task, *(worker.starting for worker in self.workers),
+                                   *(worker.replacing for worker in self.workers)) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -215,20 +229,39 @@ class Workers:
         handed: ActiveConfig | None = None
         while self.active is not None and self.active is not handed:  # a version applied meanwhile goes too
             handed = self.active
-            await self._push_one(worker, handed)
+            if not await self._push_one(worker, handed):
+                worker.process.kill()  # it has served nothing yet: nothing to drain
+                raise WorkerError(f"worker {worker.index} did not take config version {handed.version}; killed")
         worker.ready = True  # no await since the last check: no push can slip in between
         worker.failed_starts = 0
         self._alive.set(sum(w.ready for w in self.workers))
 
-    async def _push_one(self, worker: Worker, active: ActiveConfig) -> None:
+    async def _push_one(self, worker: Worker, active: ActiveConfig) -> bool:
+        """Hand `active` to `worker`: whether it applied it (a refusal or no answer is logged)."""
         try:
             answer = json.loads(await self._call(worker, "POST", "/internal/apply",
-                                                 {"version": active.version, "body": active.loaded.body}))
+                                                 {"version": active.version, "body": active.loaded.body},
+                                                 timeout_s=APPLY_TIMEOUT_S))
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
-            logger.error("worker %d: config version %d not handed over: %s", worker.index, active.version, exc)
-            return
+            logger.error("worker %d: config version %d not handed over: %s", worker.index, active.version,
+                         exc or type(exc).__name__)
+            return False
         if not answer.get("applied"):
             logger.error("worker %d refused config version %d: %s", worker.index, active.version, answer.get("message"))
+            return False
+        return True
+
+    def _replace(self, worker: Worker, why: str) -> None:
+        """Stop `worker` (SIGTERM: it drains and flushes; SIGKILL if it has not exited after the drain timeout
+        and 10 s); the watch then starts it again, on the current version."""
+        process = worker.process
+        assert process is not None
+        worker.ready = False
+        self._alive.set(sum(w.ready for w in self.workers))
+        logger.error("worker %d (pid %d) %s; replacing it", worker.index, process.pid, why)
+        process.send_signal(signal.SIGTERM)
+        worker.replacing = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(_wait_or_kill, process, self.drain_timeout_s + 10))
 
     async def _watch(self) -> None:
         """Start again any worker that exited while the balancer was not stopping (waiting longer after each
@@ -259,11 +292,12 @@ class Workers:
             worker.restart_at = asyncio.get_running_loop().time() + backoff
             logger.error("%s; the next start in %gs at the earliest", exc, backoff)
 
-    async def _call(self, worker: Worker, method: str, path: str, document: object = None) -> str:
+    async def _call(self, worker: Worker, method: str, path: str, document: object = None, *,
+                    timeout_s: float = CALL_TIMEOUT_S) -> str:
         if worker.session is None or worker.session.closed:
-            worker.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(worker.socket_path)),
-                                                   timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S))
-        async with worker.session.request(method, f"http://worker{path}", json=document) as response:
+            worker.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(worker.socket_path)))
+        async with worker.session.request(method, f"http://worker{path}", json=document,
+                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
             text = await response.text()
             if response.status >= 500:
                 raise aiohttp.ClientResponseError(response.request_info, (), status=response.status, message=text[:200])
@@ -274,7 +308,7 @@ class Workers:
             if not worker.ready:
                 return None
             try:
-                return await self._call(worker, method, path)
+                return await self._call(worker, method, path, timeout_s=QUERY_TIMEOUT_S)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 logger.warning("worker %d did not answer %s %s: %s", worker.index, method, path, exc)
                 return exc

@@ -107,9 +107,43 @@ async def test_a_config_edit_reaches_every_worker_with_one_version(pool: Pool) -
     assert versions == list(range(1, version + 3))  # stored once each, by the supervisor
 
 
+async def test_a_worker_that_does_not_take_a_version_is_replaced_and_serves_it(pool: Pool) -> None:
+    """A worker that cannot answer a pushed config (stopped here) is replaced: every worker serves one version."""
+    health = await admin_json(pool, "/healthz")
+    version = health["version"]
+    stuck = health["workers"][0]
+    original = pool.config.read_text()
+    os.kill(stuck["pid"], signal.SIGSTOP)
+    try:
+        write_experiment(pool.config, ports=pool.ports, weights={"model_a": 30, "model_b": 70}, server="  workers: 2\n")
+        deadline = time.monotonic() + 20  # the watch notices the edit, the push waits APPLY_TIMEOUT_S (5 s)
+        while (await admin_json(pool, "/healthz"))["workers"][0]["ready"]:
+            assert time.monotonic() < deadline, "the stuck worker was not given up on"
+            await asyncio.sleep(0.2)
+        degraded = await admin_json(pool, "/healthz")  # answered at once, though one worker hangs
+        assert degraded["status"] == "degraded" and degraded["version"] == version + 1
+    finally:
+        os.kill(stuck["pid"], signal.SIGCONT)  # the SIGTERM it was sent now arrives: it drains and exits
+    deadline = time.monotonic() + 30
+    while True:
+        workers = (await admin_json(pool, "/healthz"))["workers"]
+        if all(worker["ready"] and worker["health"] and worker["health"]["version"] == version + 1 for worker in workers):
+            break
+        assert time.monotonic() < deadline, f"not every worker serves version {version + 1}: {workers}"
+        await asyncio.sleep(0.2)
+    assert workers[0]["pid"] != stuck["pid"] and workers[0]["restarts"] == stuck["restarts"] + 1
+    assert workers[0]["last_exit"] == 0  # it stopped cleanly, its log flushed
+    assert workers[1]["pid"] == health["workers"][1]["pid"]  # the other one kept serving
+    pool.config.write_text(original)
+    deadline = time.monotonic() + 10
+    while (await admin_json(pool, "/admin/experiment"))["version"] != version + 2:
+        assert time.monotonic() < deadline, "the restored file was not applied"
+        await asyncio.sleep(0.1)
+
+
 async def test_a_worker_that_dies_is_started_again_with_the_current_config(pool: Pool) -> None:
     health = await admin_json(pool, "/healthz")
-    victim = health["workers"][0]["pid"]
+    victim, restarts = health["workers"][0]["pid"], health["workers"][0]["restarts"]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while True:
@@ -119,11 +153,11 @@ async def test_a_worker_that_dies_is_started_again_with_the_current_config(pool:
             break
         assert time.monotonic() < deadline, health
         await asyncio.sleep(0.1)
-    assert first["restarts"] == 1 and first["last_exit"] == -signal.SIGKILL
+    assert first["restarts"] == restarts + 1 and first["last_exit"] == -signal.SIGKILL
     assert first["health"]["version"] == health["version"]
     assert {status for status, _, _ in [await predict(pool, f"after-{index}") for index in range(20)]} == {200}
     async with aiohttp.ClientSession() as session, session.get(f"{pool.admin}/metrics") as reply:
-        assert "balancer_worker_restarts_total 1.0" in await reply.text()
+        assert f"balancer_worker_restarts_total {restarts + 1:.1f}" in await reply.text()
 
 
 def send_predictions(stack: NoopStack, users: list[str]) -> None:
