@@ -102,6 +102,10 @@ class Target:
 
 def balancer_yaml(options: BalancerOptions, upstreams: Mapping[str, str]) -> str:
     """The experiment file of a benchmark balancer; validated here so a schema change fails before any load."""
+    server: dict[str, object] = {"record_outcomes": options.record_outcomes, "export_metrics": options.export_metrics,
+                                  "workers": options.workers}
+    if options.priority is not None:
+        server["priority"] = options.priority
     document = {
         "name": "bench",
         "strategy": options.strategy,
@@ -109,11 +113,8 @@ def balancer_yaml(options: BalancerOptions, upstreams: Mapping[str, str]) -> str
         "seed": 9,
         "variants": [{"name": name, "weight": WEIGHTS[name], "upstreams": [f"http://{upstreams[name]}"]}
                      for name in VARIANTS],
-        "server": {"record_outcomes": options.record_outcomes, "export_metrics": options.export_metrics,
-                   "workers": options.workers},
+        "server": server,
     }
-    if options.priority is not None:
-        document["server"]["priority"] = options.priority
     text = yaml.safe_dump(document, sort_keys=False)
     parse_experiment(text, source=f"<bench {options.label}>")
     return text
