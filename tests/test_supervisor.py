@@ -1,12 +1,18 @@
-"""balancer/supervisor.py's pure parts: one /metrics and one /admin/upstreams from several workers."""
+"""balancer/supervisor.py: one /metrics and one /admin/upstreams from several workers; workers that do not take a version."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.metrics import BalancerMetrics
-from balancer.supervisor import merge_expositions, merge_upstreams
+from balancer.supervisor import Worker, WorkerError, Workers, merge_expositions, merge_upstreams
 
 
 def worker_exposition(requests: int, seconds: float, in_flight: int, weight: float) -> str:
@@ -56,3 +62,57 @@ def test_upstreams_sum_their_counters_and_are_healthy_only_if_healthy_everywhere
     merged = merge_upstreams([[endpoint(10, True, False)], [endpoint(5, False, True)]])
     assert merged == [{"variant": "a", "url": "http://127.0.0.1:1", "address": "127.0.0.1:1", "requests": 15,
                        "failures": 2, "healthy": False, "ejected": True, "available": False, "idle_connections": 4}]
+
+
+async def test_a_starting_worker_that_does_not_take_the_version_is_killed_and_not_counted_ready(tmp_path: Path) -> None:
+    workers = Workers(1, ["serve"], drain_timeout_s=1.0, registry=CollectorRegistry())
+    (worker,) = workers.workers
+    worker.process = subprocess.Popen(["sleep", "60"])  # stands in for a worker that answers /healthz only
+    worker.socket_path.touch()
+    workers.active = SimpleNamespace(version=7)  # type: ignore[assignment]
+    pushed = []
+
+    async def answer(target: object, method: str, path: str, document: object = None, **options: object) -> str:
+        return "{}"
+
+    async def refuse(target: object, active: object) -> bool:
+        pushed.append(active)
+        return False
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(workers, "_call", answer)
+            patch.setattr(workers, "_push_one", refuse)
+            with pytest.raises(WorkerError, match="worker 0 did not take config version 7; killed"):
+                await workers._become_ready(worker)
+        assert pushed == [workers.active]
+        assert worker.process.wait(timeout=5) == -signal.SIGKILL and not worker.ready
+    finally:
+        if worker.process.poll() is None:
+            worker.process.kill()
+        await workers.stop()
+
+
+async def test_a_ready_worker_that_does_not_take_a_pushed_version_is_stopped_to_be_started_again(tmp_path: Path) -> None:
+    workers = Workers(2, ["serve"], drain_timeout_s=1.0, registry=CollectorRegistry())
+    for worker in workers.workers:
+        worker.process = subprocess.Popen(["sleep", "60"])
+        worker.ready = True
+    taken = {workers.workers[0].index: True, workers.workers[1].index: False}
+
+    async def push_one(target: Worker, active: object) -> bool:
+        return taken[target.index]
+
+    active = SimpleNamespace(version=8, loaded=SimpleNamespace(body="name: x\n"))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(workers, "_push_one", push_one)
+            await workers.push(active)  # type: ignore[arg-type]
+        kept, replaced = workers.workers
+        assert kept.ready and kept.process is not None and kept.process.poll() is None
+        assert not replaced.ready and replaced.replacing is not None
+        await replaced.replacing  # SIGTERM ends `sleep` at once
+        assert replaced.process is not None and replaced.process.returncode == -signal.SIGTERM
+        assert workers.config_copy.read_text() == "name: x\n"  # what the watch starts it again from
+    finally:
+        await workers.stop()
