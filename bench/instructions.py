@@ -19,6 +19,12 @@ Kinds: `floor` is `bench.floor_proxy.FloorHandler` (forwarding only); `lean` is 
 with outcome logging and metrics off; `default` is the balancer as it ships; `outcomes-off` and
 `metrics-off` (named as in `bench.same_core`) have one feature off, to count the other's share.
 `make bench` counts the first three (MAKE_BENCH_KINDS).
+
+    python -m bench.instructions --functions default [--top 15]
+
+says where one kind's instructions per request go: each function's inclusive count per request
+(the same difference of a long and a short run, from `callgrind_annotate --inclusive=yes`), in the
+balancer's process and in its store writer process.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -171,6 +178,62 @@ def measure(kinds: list[str]) -> dict[str, float]:
     return per_request
 
 
+# A line of `callgrind_annotate`: "  222,265,172 (40.01%)  /path/cursor.c:bind_param [/path/_sqlite3.so]"
+_ANNOTATED = re.compile(r"^\s*([\d,]+) \([^)]*\)\s+(\S.*?)(?: \[[^\]]*\])?$")
+
+
+def _function_counts(kind: str, requests: int, folder: Path) -> dict[str, dict[str, int]]:
+    """One run of `kind` under callgrind: process ("balancer" or "writer") -> function -> inclusive instructions."""
+    pattern = folder / f"{requests}.%p"
+    command = ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={pattern}",
+               sys.executable, "-m", "bench.instructions", "--run", kind, str(requests)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONHASHSEED": "0"})
+    if result.returncode != 0:
+        raise BenchError(f"callgrind failed for {kind} ({result.returncode}): {result.stderr[-500:]}")
+    counts: dict[str, dict[str, int]] = {}
+    for output in folder.glob(f"{requests}.*"):
+        header = output.read_text(errors="replace")[:2000]
+        process = "writer" if "balancer.store_writer" in header else "balancer" if "bench.instructions" in header else None
+        if process is None:
+            continue
+        annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(output)],
+                                   capture_output=True, text=True, check=True).stdout
+        counts[process] = parse_annotated(annotated)
+    return counts
+
+
+def parse_annotated(annotated: str) -> dict[str, int]:
+    """`callgrind_annotate` output -> "file.c:function" -> instructions (the same name in two places summed)."""
+    functions: dict[str, int] = {}
+    for line in annotated.splitlines():
+        match = _ANNOTATED.match(line)
+        # callgrind marks a recursive function's inner cycles with 'N (counted again inclusively), and
+        # code without symbols by its address: neither names a place to look
+        if match and ":" in match[2] and not re.search(r"'\d+$", match[2]) and ":0x" not in match[2]:
+            file, _, function = match[2].rpartition(":")
+            name = f"{Path(file).name}:{function}"
+            functions[name] = functions.get(name, 0) + int(match[1].replace(",", ""))
+    return functions
+
+
+def function_profile(kind: str) -> dict[str, list[tuple[str, float]]]:
+    """Process -> (function, inclusive instructions per request), largest first, without the chain of callers
+    every request runs under (main, the event loop: within 5 % of the largest): a long run's counts minus a
+    short run's, over the requests between them (start-up and imports cancel out)."""
+    with tempfile.TemporaryDirectory(prefix="bench-functions-") as scratch:
+        short = _function_counts(kind, SHORT_RUN, Path(scratch))
+        long = _function_counts(kind, LONG_RUN, Path(scratch))
+    runs = LONG_RUN - SHORT_RUN
+    profile = {}
+    for process, functions in long.items():
+        before = short.get(process, {})
+        per_request = sorted(((name, (count - before.get(name, 0)) / runs) for name, count in functions.items()),
+                             key=lambda item: -item[1])
+        whole = per_request[0][1] if per_request else 0.0
+        profile[process] = [("(everything)", whole)] + [item for item in per_request if item[1] < 0.95 * whole]
+    return profile
+
+
 def writer_key(kind: str) -> str:
     """Where `measure` puts the share of `kind`'s instructions that ran in its store writer process."""
     return WRITER if kind == "default" else f"{WRITER} {kind}"
@@ -180,7 +243,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(MAKE_BENCH_KINDS))
     parser.add_argument("--run", nargs=2, metavar=("KIND", "REQUESTS"), help=argparse.SUPPRESS)  # one counted run
+    parser.add_argument("--functions", choices=list(KINDS), metavar="KIND",
+                        help="instead: where KIND's instructions per request go, function by function")
+    parser.add_argument("--top", type=int, default=15, help="with --functions: functions shown per process")
     args = parser.parse_args()
+    if args.functions:
+        for process, functions in function_profile(args.functions).items():
+            print(f"{args.functions}: {process} process, inclusive instructions per request")
+            for name, count in functions[:args.top]:
+                print(f"  {count:>10,.0f}  {name}")
+        return
     if args.run:
         kind, requests = args.run[0], int(args.run[1])
         with tempfile.TemporaryDirectory(prefix="bench-instructions-") as folder:

@@ -28,6 +28,7 @@ from bench.__main__ import main as bench_main
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
 from bench.instructions import drive
+from bench.instructions import parse_annotated as instruction_functions
 from bench.nginx import (
     nginx_command,
     render_nginx_config,
@@ -1109,3 +1110,22 @@ def test_the_tail_section_ranks_each_runs_p99_against_its_share_of_requests_queu
     assert "32 / 500 req/s = 64.00 ms" in report
     assert ("Over the 6 fixed-rate runs through a hop above, a run's p99 and its share of such requests "
             "(\"queued\") have a Spearman rank correlation of 1.00") in report
+
+
+def test_callgrind_annotate_lines_become_instructions_per_function() -> None:
+    annotated = """\
+--------------------------------------------------------------------------------
+Ir                   file:function
+--------------------------------------------------------------------------------
+2,049,868,669 (369.0%)  /tmp/build/Python/ceval.c:_PyEval_EvalFrameDefault'2 [/lib/libpython3.11.so.1.0]
+  222,265,172 (40.01%)  /tmp/build/Modules/_sqlite/cursor.c:_pysqlite_query_execute [/lib/_sqlite3.so]
+   80,467,743 (14.49%)  /tmp/build/Modules/_sqlite/cursor.c:bind_param [/lib/_sqlite3.so]
+   10,275,100 ( 1.85%)  ???:0x00000000000392c0 [/usr/lib/libsqlite3.so.0.8.6]
+    5,720,000 ( 1.03%)  ???:sqlite3_step [/usr/lib/libsqlite3.so.0.8.6]
+    1,000,000 ( 0.18%)  /other/place/cursor.c:bind_param [/lib/_sqlite3.so]
+"""
+    assert instruction_functions(annotated) == {
+        "cursor.c:_pysqlite_query_execute": 222_265_172,
+        "cursor.c:bind_param": 81_467_743,  # one name in two places: summed
+        "???:sqlite3_step": 5_720_000,
+    }  # recursion markers ('2) and bare addresses left out
