@@ -196,6 +196,9 @@ class Workers:
 
     # ---- internals
 
+    def _count_ready(self) -> None:
+        self._alive.set(sum(worker.ready for worker in self.workers))
+
     async def _keep(self, active: ActiveConfig) -> None:
         """`active` is what workers get from now on: pushed once ready, read from `config_copy` at start."""
         self.active = active
@@ -234,7 +237,7 @@ class Workers:
                 raise WorkerError(f"worker {worker.index} did not take config version {handed.version}; killed")
         worker.ready = True  # no await since the last check: no push can slip in between
         worker.failed_starts = 0
-        self._alive.set(sum(w.ready for w in self.workers))
+        self._count_ready()
 
     async def _push_one(self, worker: Worker, active: ActiveConfig) -> bool:
         """Hand `active` to `worker`: whether it applied it (a refusal or no answer is logged)."""
@@ -257,7 +260,7 @@ class Workers:
         process = worker.process
         assert process is not None
         worker.ready = False
-        self._alive.set(sum(w.ready for w in self.workers))
+        self._count_ready()
         logger.error("worker %d (pid %d) %s; replacing it", worker.index, process.pid, why)
         process.send_signal(signal.SIGTERM)
         worker.replacing = asyncio.get_running_loop().create_task(
@@ -277,7 +280,7 @@ class Workers:
                 worker.last_exit = process.returncode
                 worker.restarts += 1
                 self._restarted.inc()
-                self._alive.set(sum(w.ready for w in self.workers))
+                self._count_ready()
                 logger.error("worker %d (pid %d) exited with %d; starting it again", worker.index, process.pid,
                              process.returncode)
                 self._spawn(worker)

@@ -124,8 +124,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
     try:
         with Stack(workdir, nginx=tools["nginx"], artifacts=artifacts) as stack:
             body_file = stack.body_file
-            saturation_targets, latency_targets = _start_everything(stack)
-            priority_targets = [target for target in latency_targets if target.name.endswith(f"({priority_label(PRIORITY)})")]
+            saturation_targets, latency_targets, priority_targets = _start_everything(stack)
             load_before = load_average()
             saturate = partial(measure_saturation, settings=settings, body_file=body_file, wrk=tools["wrk"])
             for target in saturation_targets:  # fill connection pools and caches; not measured
@@ -140,7 +139,9 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 latency_targets, settings.rounds,
                 lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
                 pause_s=settings.pause_s, what="fixed rate")
-            fixed_rate_pinned = _measure_pinned_fixed_rate(latency_targets, settings, rates["noop"], body_file)
+            # on a CPU of its own nothing competes with the hop: a priority changes nothing there
+            fixed_rate_pinned = _measure_pinned_fixed_rate(
+                [target for target in latency_targets if target not in priority_targets], settings, rates["noop"], body_file)
             workers_rate, workers_fixed_rate = _measure_workers_fixed_rate(by_name, saturation, settings, body_file)
             cold_start = measure_starts(stack, starts=settings.cold_starts, rate=rates["noop"],
                                         windows=settings.cold_windows, window_s=settings.cold_window_s, settings=settings)
@@ -198,9 +199,7 @@ def _measure_pinned_fixed_rate(latency_targets: list[Target], settings: Settings
     if split is None:
         logger.info("one CPU: no fixed-rate runs with the hop on a CPU of its own")
         return {}
-    label = f"({priority_label(PRIORITY)})"  # on a CPU of its own nothing competes: priority changes nothing
-    return interleaved([target for target in latency_targets if target.kind == "noop" and not target.name.endswith(label)],
-                       settings.rounds,
+    return interleaved([target for target in latency_targets if target.kind == "noop"], settings.rounds,
                        lambda target: measure_fixed_rate(target, rate, settings, body_file, pinned=split),
                        pause_s=settings.pause_s, what="fixed rate, hop on a CPU of its own")
 
@@ -229,12 +228,14 @@ def _time_report(quick: bool) -> tuple[int, float]:
         return requests, time_report(store, repeat=2)
 
 
-def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
-    """All processes, started in parallel; (targets of the saturation rounds, of the fixed-rate rounds)."""
+def _start_everything(stack: Stack) -> tuple[list[Target], list[Target], list[Target]]:
+    """All processes, started in parallel; (targets of the saturation rounds, of the fixed-rate rounds, and those
+    of the latter run at PRIORITY)."""
     backends = {kind: stack.backends(kind) for kind in KINDS}
     stack.ready()
     saturation_targets: list[Target] = []
     latency_targets: list[Target] = []
+    priority_targets: list[Target] = []
     for kind, (upstreams, backend_pids) in backends.items():
         configurations = FEATURE_CONFIGURATIONS if kind == "noop" else FEATURE_CONFIGURATIONS[:1]
         balancers = [stack.balancer(kind, options, upstreams, backend_pids) for options in configurations]
@@ -250,12 +251,13 @@ def _start_everything(stack: Stack) -> tuple[list[Target], list[Target]]:
         latency_targets += main_three
         if kind == "noop":  # the same rate with the outcome log and metrics off: is the log in the tail?
             latency_targets += [target for target in balancers if target.name.endswith(f"({FEATURE_BASELINE})")]
-            latency_targets += _priority_targets(stack, upstreams, backend_pids)
+            priority_targets = _priority_targets(stack, upstreams, backend_pids)
+            latency_targets += priority_targets
     stack.ready()
     for target in [*saturation_targets, *(target for target in latency_targets if target not in saturation_targets)]:
         if target.hop != "direct":
             check_split(target, stack.body)
-    return saturation_targets, latency_targets
+    return saturation_targets, latency_targets, priority_targets
 
 
 def _priority_targets(stack: Stack, upstreams: dict[str, str], backend_pids: tuple[int, ...]) -> list[Target]:

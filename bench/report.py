@@ -420,13 +420,11 @@ def _priority_section(results: BenchResults) -> str:
         f"also ran the balancer with `server.priority: {niceness}` and nginx with `worker_priority {niceness}`: the "
         "hop at that niceness, the backends and the load generator at 0. Linux's scheduler then weighs the hop's "
         f"threads {NICE_WEIGHTS[niceness]:,} against their 1,024 (`sched_prio_to_weight`): a woken hop gets a CPU "
-        "ahead of them and keeps it for its turn. \"Waited\" is the time the hop's serving threads (the balancer's "
-        "event loop, nginx's worker) spent runnable but without a CPU, over the run's wall time (`/proc/<pid>/schedstat`; "
-        "the store writer, idle by design, left out).\n\n"
+        "ahead of them and keeps it for its turn.\n\n"
         "| path | p99 ms | added p99 ms | each round's p99 ms | busy | waited for a CPU | queued |\n"
         "|---|---|---|---|---|---|---|\n" + "".join(rows)
-        + "\n\"Queued\": the share of requests that found all the client's connections busy (see \"What bounds the tail "
-        "latency\"). `python -m bench.compare --base HEAD --method latency --cores shared --priority "
+        + "\n\"Waited\" (for a CPU) and \"queued\" (in the client, for a connection) are explained under \"What bounds "
+        "the tail latency\". `python -m bench.compare --base HEAD --method latency --cores shared --priority "
         f"{niceness}` compares the two balancers alone, in pairs of runs.\n"
     )
 
