@@ -23,14 +23,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAGIC 'R'
-#define FORMAT 2
-#define HEADER_SIZE 7
-#define MAX_WIDTH 255
+#include "rows_frame.h"
+
+#define MAGIC ROWS_MAGIC
+#define FORMAT ROWS_FORMAT
+#define HEADER_SIZE ROWS_HEADER_SIZE
+#define MAX_WIDTH ROWS_MAX_WIDTH
 /* A buffer that grew past this for a backlog is freed when taken, not kept for the next rows. */
 #define KEPT_CAPACITY (4 << 20)
-
-enum { TAG_NONE = 0, TAG_SAME = 1, TAG_FLOAT = 2, TAG_INT = 3, TAG_ASCII = 4, TAG_TEXT = 5, TAG_ZERO = 6 };
 
 typedef struct {
     PyObject_HEAD
@@ -262,126 +262,69 @@ static PyTypeObject RowsType = {
     .tp_as_sequence = &rows_sequence,
 };
 
-static PyObject *corrupt(PyObject *list, Py_ssize_t offset, const char *what) {
-    Py_XDECREF(list);
-    PyErr_Format(PyExc_ValueError, "corrupt rows frame at byte %zd: %s", offset, what);
-    return NULL;
-}
-
 static PyObject *rows_decode(PyObject *module, PyObject *argument) {
     Py_buffer view;
     if (PyObject_GetBuffer(argument, &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    const unsigned char *data = view.buf;
-    Py_ssize_t size = view.len, at = HEADER_SIZE;
+    FrameReader reader;
     PyObject *list = NULL;
-    if (size < HEADER_SIZE || data[0] != MAGIC || data[1] != FORMAT || data[2] == 0) {
-        PyBuffer_Release(&view);
-        return corrupt(NULL, 0, "not a rows frame of this format");
+    if (frame_open(&reader, view.buf, view.len, 0) < 0) {
+        goto corrupt;
     }
-    Py_ssize_t width = data[2];
-    uint32_t rows;
-    memcpy(&rows, data + 3, 4);
-    Py_ssize_t count = (Py_ssize_t)rows * width;
-    if (count > size - HEADER_SIZE) {  /* every value takes at least one byte */
-        PyBuffer_Release(&view);
-        return corrupt(NULL, 3, "more rows than bytes");
-    }
-    list = PyList_New(count);
+    list = PyList_New(reader.count);
     if (list == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
+        goto fail;
     }
-    for (Py_ssize_t index = 0; index < count; index++) {
+    for (Py_ssize_t index = 0; index < reader.count; index++) {
+        FrameValue read;
         PyObject *value;
-        if (at >= size) {
-            PyBuffer_Release(&view);
-            return corrupt(list, at, "it ends early");
+        if (frame_next(&reader, &read) < 0) {
+            goto corrupt;
         }
-        unsigned char tag = data[at++];
-        switch (tag) {
-        case TAG_NONE:
-            value = Py_NewRef(Py_None);
-            break;
-        case TAG_ZERO:
-            value = PyLong_FromLong(0);
-            break;
-        case TAG_SAME:
-            if (index < width) {
-                PyBuffer_Release(&view);
-                return corrupt(list, at - 1, "a repeat in the first row");
-            }
-            value = Py_NewRef(PyList_GET_ITEM(list, index - width));
-            break;
-        case TAG_FLOAT:
-        case TAG_INT:
-            if (size - at < 8) {
-                PyBuffer_Release(&view);
-                return corrupt(list, at, "it ends inside a number");
-            }
-            if (tag == TAG_FLOAT) {
-                double number;
-                memcpy(&number, data + at, 8);
-                value = PyFloat_FromDouble(number);
-            } else {
-                int64_t number;
-                memcpy(&number, data + at, 8);
-                value = PyLong_FromLongLong((long long)number);
-            }
-            at += 8;
-            break;
-        case TAG_ASCII: {
-            if (at >= size || size - at - 1 < data[at]) {
-                PyBuffer_Release(&view);
-                return corrupt(list, at, "it ends inside a text");
-            }
-            Py_ssize_t length = data[at++];
-            for (Py_ssize_t offset = 0; offset < length; offset++) {
-                if (data[at + offset] & 0x80) {
-                    PyBuffer_Release(&view);
-                    return corrupt(list, at + offset, "a non-ASCII byte in an ASCII text");
+        if (read.repeated) {
+            value = Py_NewRef(PyList_GET_ITEM(list, index - reader.width));
+        } else {
+            switch (read.tag) {
+            case TAG_NONE:
+                value = Py_NewRef(Py_None);
+                break;
+            case TAG_ZERO:
+                value = PyLong_FromLong(0);
+                break;
+            case TAG_FLOAT:
+                value = PyFloat_FromDouble(read.real);
+                break;
+            case TAG_INT:
+                value = PyLong_FromLongLong((long long)read.integer);
+                break;
+            case TAG_ASCII:
+                value = PyUnicode_New(read.length, 127);
+                if (value != NULL) {
+                    memcpy(PyUnicode_1BYTE_DATA(value), read.text, read.length);
                 }
+                break;
+            default:  /* TAG_TEXT */
+                value = PyUnicode_DecodeUTF8(read.text, read.length, "strict");
+                break;
             }
-            value = PyUnicode_New(length, 127);
-            if (value != NULL) {
-                memcpy(PyUnicode_1BYTE_DATA(value), data + at, length);
-            }
-            at += length;
-            break;
-        }
-        case TAG_TEXT: {
-            uint32_t length;
-            if (size - at < 4) {
-                PyBuffer_Release(&view);
-                return corrupt(list, at, "it ends inside a text's length");
-            }
-            memcpy(&length, data + at, 4);
-            at += 4;
-            if ((Py_ssize_t)length > size - at) {
-                PyBuffer_Release(&view);
-                return corrupt(list, at, "it ends inside a text");
-            }
-            value = PyUnicode_DecodeUTF8((const char *)data + at, length, "strict");
-            at += length;
-            break;
-        }
-        default:
-            PyBuffer_Release(&view);
-            return corrupt(list, at - 1, "an unknown tag");
         }
         if (value == NULL) {
-            PyBuffer_Release(&view);
-            Py_DECREF(list);
-            return NULL;
+            goto fail;
         }
         PyList_SET_ITEM(list, index, value);
     }
-    PyBuffer_Release(&view);
-    if (at != size) {
-        return corrupt(list, at, "bytes after the last row");
+    if (frame_close(&reader) < 0) {
+        goto corrupt;
     }
+    PyBuffer_Release(&view);
     return list;
+corrupt:
+    frame_error(&reader);
+fail:
+    Py_XDECREF(list);
+    PyBuffer_Release(&view);
+    return NULL;
 }
 
 static PyMethodDef rows_methods[] = {

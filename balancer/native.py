@@ -8,9 +8,12 @@ compiled. Python prefers an extension over a source file of the same name, so at
 the build, or `BALANCER_PURE_PYTHON=1` is set, every module is imported from its `.py` file
 instead, and `MODE` says why. An edit therefore never runs stale compiled code.
 
-`C_EXTENSIONS` are written in C (`balancer/_rows.c`) and built in the same step; their sources
-are hashed too. Code using one asks for it only when `MODE` is "compiled", and otherwise runs
-its Python equivalent (`balancer/rows.py`).
+`C_EXTENSIONS` are written in C (`balancer/_rows.c`, `balancer/_store.c`) and built in the same
+step; their sources and the headers they share (`C_HEADERS`) are hashed too. Code using one asks
+for it only when `MODE` is "compiled", and otherwise runs its Python equivalent
+(`balancer/rows.py`; the store writer's Python sqlite3 path). An extension that links a library
+(`_store`: SQLite) is left out of a build where the library's header is missing, with a warning,
+and the manifest says so; the rest is built.
 
 mypyc compiles only what mypy accepts, checks types at run time, and makes classes native:
 methods cannot be monkeypatched and unknown attributes cannot be set. `make bench` measures
@@ -26,6 +29,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -37,9 +41,14 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # Everything a proxied request runs.
 COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "assignment", "metrics", "events",
                     "upstreams", "runtime")
-# Extensions written in C, built alongside (`balancer/<name>.c` -> `balancer.<name>`); with no build of their
-# current source, the code that uses them runs its Python equivalent (see balancer.rows.implementation).
-C_EXTENSIONS = ("_rows",)
+# Extensions written in C, built alongside (`balancer/<name>.c` -> `balancer.<name>`), with the libraries each
+# links; with no build of their current source, the code that uses them runs its Python equivalent (see
+# balancer.rows.implementation, balancer.store_writer.fast_connection).
+C_EXTENSIONS: dict[str, tuple[str, ...]] = {"_rows": (), "_store": ("sqlite3",)}
+C_HEADERS = ("rows_frame.h",)  # included by the C extensions
+# The header each library is compiled against (Debian: libsqlite3-dev).
+LIBRARY_HEADERS = {"sqlite3": ("sqlite3.h", "libsqlite3-dev")}
+SKIPPED = "skipped: "  # a manifest entry's prefix for an extension left out of the build
 MANIFEST = "native.json"
 GROUP = f"{PACKAGE}.native_group"  # one shared library: calls between the modules stay native
 PURE_ENVIRONMENT = "BALANCER_PURE_PYTHON"  # set: run the sources even where a build is current
@@ -57,8 +66,7 @@ def is_set(environ: Mapping[str, str], name: str) -> bool:
 def source_digests(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
     """SHA-256 of each compiled module's source, and of each C extension's (keyed by its file name)."""
     digests = {name: hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest() for name in COMPILED_MODULES}
-    for name in C_EXTENSIONS:
-        source = package_dir / f"{name}.c"
+    for source in [package_dir / f"{name}.c" for name in C_EXTENSIONS] + [package_dir / name for name in C_HEADERS]:
         digests[source.name] = hashlib.sha256(source.read_bytes()).hexdigest() if source.exists() else "missing"
     return digests
 
@@ -80,7 +88,8 @@ def decide(package_dir: Path, environ: Mapping[str, str]) -> tuple[bool, str]:
     except (OSError, ValueError):
         return False, f"interpreted (no valid {MANIFEST}: rebuild with make native)"
     current = source_digests(package_dir)
-    changed = sorted(name for name in current if built.get(name) != current[name])
+    changed = sorted(name for name in current
+                     if built.get(name) != current[name] and not str(built.get(name)).startswith(SKIPPED))
     if changed:
         return False, f"interpreted (changed since the build: {', '.join(changed)}; rebuild with make native)"
     return True, "compiled"
@@ -108,9 +117,23 @@ def select(environ: Mapping[str, str] = os.environ) -> str:
     return MODE
 
 
-def build(package_dir: Path = PACKAGE_DIR) -> None:
+def missing_header(library: str, compiler: str = "cc") -> str:
+    """Why `library`'s header cannot be compiled against here, or "" when it can."""
+    header, package = LIBRARY_HEADERS[library]
+    probe = subprocess.run([*compiler.split(), "-fsyntax-only", "-x", "c", "-"], input=f"#include <{header}>\n",
+                           capture_output=True, text=True, check=False)
+    return "" if probe.returncode == 0 else f"no {header} (apt-get install {package})"
+
+
+def buildable(compiler: str = "cc") -> dict[str, str]:
+    """C extension -> why it cannot be built here ("" when it can)."""
+    return {name: next(filter(None, (missing_header(library, compiler) for library in libraries)), "")
+            for name, libraries in C_EXTENSIONS.items()}
+
+
+def build(package_dir: Path = PACKAGE_DIR, *, required: bool = False) -> list[str]:
     """Compile `COMPILED_MODULES` with mypyc and `C_EXTENSIONS`, place the extensions beside their sources, record
-    the sources' hashes.
+    the sources' hashes; the warnings for extensions left out (`required`: an error instead).
 
     Needs a C compiler and Python's headers. The build runs in a scratch copy of the package
     (so no project configuration of ours is read, and a failed build leaves nothing behind).
@@ -119,6 +142,12 @@ def build(package_dir: Path = PACKAGE_DIR) -> None:
     from setuptools import Extension, setup
 
     digests = source_digests(package_dir)  # hashed before compiling: an edit during the build shows as stale
+    compiler = os.environ.get("CC", "cc")
+    left_out = {name: reason for name, reason in buildable(compiler).items() if reason}
+    if left_out and required:
+        raise RuntimeError("; ".join(f"cannot build balancer.{name}: {reason}" for name, reason in left_out.items()))
+    for name, reason in left_out.items():
+        digests[f"{name}.c"] = SKIPPED + reason
     previous = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="balancer-native-") as scratch:
         workdir = Path(scratch)
@@ -127,14 +156,15 @@ def build(package_dir: Path = PACKAGE_DIR) -> None:
         try:
             modules = mypycify(["--ignore-missing-imports", *(f"{PACKAGE}/{name}.py" for name in COMPILED_MODULES)],
                                opt_level="3", group_name=GROUP, target_dir="build/c")
-            modules += [Extension(f"{PACKAGE}.{name}", [f"{PACKAGE}/{name}.c"], extra_compile_args=["-O2"])
-                        for name in C_EXTENSIONS]
+            modules += [Extension(f"{PACKAGE}.{name}", [f"{PACKAGE}/{name}.c"], extra_compile_args=["-O2"],
+                                  depends=[f"{PACKAGE}/{header}" for header in C_HEADERS], libraries=list(libraries))
+                        for name, libraries in C_EXTENSIONS.items() if name not in left_out]
             setup(name="balancer-native", ext_modules=modules, py_modules=[],
                   script_args=["--quiet", "build_ext", "--inplace", "--build-temp", "build/objects"])
         finally:
             os.chdir(previous)
         built = extensions(workdir / PACKAGE)
-        expected = len(COMPILED_MODULES) + 1 + len(C_EXTENSIONS)  # one per module, the group's shared library, the C ones
+        expected = len(COMPILED_MODULES) + 1 + len(C_EXTENSIONS) - len(left_out)  # one per module, the group's library, the C ones
         if len(built) != expected:
             raise RuntimeError(f"the build made {[path.name for path in built]}, expected {expected} extensions")
         for stale in extensions(package_dir):
@@ -142,3 +172,6 @@ def build(package_dir: Path = PACKAGE_DIR) -> None:
         for extension in built:
             shutil.copy2(extension, package_dir / extension.name)
     (package_dir / MANIFEST).write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    return [f"balancer.{name} is not built ({reason}): the code using it runs its Python equivalent, which costs "
+            "more CPU per request; install it, then run python scripts/build_native.py"
+            for name, reason in left_out.items()]

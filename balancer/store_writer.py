@@ -11,8 +11,10 @@ Messages on both pipes are frames: a 4-byte big-endian length, then a payload, `
 said otherwise (the two ends are the same interpreter, so the format always matches). A batch is
 one header frame `(request frames, feedback rows, config rows)` followed by that many frames of
 request rows in `balancer/_rows.c`'s format, encoded by the balancer as it recorded them (see
-`balancer.rows`). They decode to a flat list of the rows' columns, row after row: the parameters
-of the INSERT as they are, with no tuple per row to build. The answer is one frame
+`balancer.rows`). Where `balancer._store` is built, the writer hands those frames to a SQLite
+connection of its own, which binds every row straight from its frame (see `balancer/_store.c`);
+elsewhere they decode to a flat list of the rows' columns, row after row, which Python's sqlite3
+binds as the parameters of multi-row INSERTs, with no tuple per row to build. The answer is one frame
 `(requests inserted, feedback written, rejected records, error)`. A batch is one transaction.
 When it fails with an error that may pass (the disk is full, the store is locked) nothing is
 written and `error` says why: the sender keeps the batch and retries it. When SQLite refuses a
@@ -32,6 +34,7 @@ if __name__ == "__main__":  # the writer process, one thread: before sqlite3 is 
     sqlite_single_thread.configure()
 
 import argparse
+import importlib
 import logging
 import marshal
 import os
@@ -43,8 +46,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import IO, Any, Final
 
+from balancer import native, store
 from balancer import rows as encoded_rows
-from balancer import store
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ _ROW_PLACEHOLDERS = "(" + ", ".join(
 # conflict is ignored: `INSERT OR IGNORE` would also skip a row breaking NOT NULL, silently.
 _INSERT_PREFIX = "INSERT INTO requests ({}) VALUES ".format(", ".join(store.REQUEST_COLUMNS))
 _ON_REUSED_ID = " ON CONFLICT (request_id) DO NOTHING"
+# The C connection binds "no value" as NULL itself.
+_ROW_PARAMETERS = "(" + ", ".join(["?"] * len(store.REQUEST_COLUMNS)) + ")"
 _UPSERT_FEEDBACK = "INSERT OR REPLACE INTO feedback (request_id, ts, value) VALUES (?, ?, ?)"
 _INSERT_CONFIG = (
     "INSERT OR REPLACE INTO configs (version, hash, ts, experiment, status, control, weights, body) "
@@ -91,12 +96,14 @@ Row = tuple[Any, ...]
 WIDTH = len(store.REQUEST_COLUMNS)
 
 
-def insert_statements(max_rows: int = MAX_ROWS_PER_STATEMENT) -> dict[int, str]:
-    """Rows -> INSERT statement, largest first: `max_rows`, then every power of two below it."""
+def insert_statements(max_rows: int = MAX_ROWS_PER_STATEMENT, *, zero_is_null: bool = True) -> dict[int, str]:
+    """Rows -> INSERT statement, largest first: `max_rows`, then every power of two below it (`zero_is_null`:
+    the nullable text columns take 0 for "no value", see above)."""
     if not 1 <= max_rows <= ROW_LIMIT:
         raise ValueError(f"max_rows must be between 1 and {ROW_LIMIT}, got {max_rows}")
     sizes = [max_rows] + [1 << power for power in range(max_rows.bit_length() - 1, -1, -1) if 1 << power < max_rows]
-    return {size: _INSERT_PREFIX + ",".join([_ROW_PLACEHOLDERS] * size) + _ON_REUSED_ID for size in sizes}
+    row = _ROW_PLACEHOLDERS if zero_is_null else _ROW_PARAMETERS
+    return {size: _INSERT_PREFIX + ",".join([row] * size) + _ON_REUSED_ID for size in sizes}
 
 
 _DEFAULT_INSERTS = insert_statements()
@@ -146,34 +153,88 @@ class Outcome:
         return self.inserted, self.feedback, self.rejected, self.error
 
 
-class StoreWriter:
-    """Writes batches into one store, one transaction each."""
+def fast_connection(path: str, max_rows: int = MAX_ROWS_PER_STATEMENT, busy_timeout_ms: int = 5000) -> Any | None:
+    """A `balancer._store.Connection` to the store at `path` (whose schema exists), inserting at most `max_rows` rows
+    a statement, where that extension is built from its current source and this process runs the compiled modules
+    (see balancer/native.py); else None."""
+    if native.MODE != "compiled":
+        return None
+    try:
+        module = importlib.import_module(f"{native.PACKAGE}._store")
+    except ImportError:  # left out of the build (no sqlite3.h there): the manifest says so
+        return None
+    return module.Connection(path, list(insert_statements(max_rows, zero_is_null=False).values()), busy_timeout_ms)
 
-    def __init__(self, connection: sqlite3.Connection, *, max_rows_per_statement: int = MAX_ROWS_PER_STATEMENT) -> None:
+
+class StoreWriter:
+    """Writes batches into one store, one transaction each.
+
+    `fast`: the store's `balancer._store.Connection` (see `fast_connection`), used for every batch that SQLite
+    takes whole; `connection` finds the records it refuses, and writes everything where there is no `fast`.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, *, max_rows_per_statement: int = MAX_ROWS_PER_STATEMENT,
+                 fast: Any | None = None) -> None:
         self.connection = connection
         self.statements = insert_statements(max_rows_per_statement)
+        self.fast = fast
+        self._decode = encoded_rows.implementation().decode
+
+    def write_frames(self, frames: Sequence[bytes], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+        """Commit the batch (`frames`: its request rows, encoded as `balancer.rows` encodes them), like `write`."""
+        fast = self.fast
+        if fast is None:
+            return self.write(self._columns(frames), feedback, configs)
+        try:
+            try:
+                return self._transaction(fast.execute, lambda: self._write_frames(frames, feedback, configs))
+            except TRANSIENT_ERRORS:
+                raise
+            except sqlite3.Error:  # some record is refused: find it through Python's connection
+                requests = self._columns(frames)
+                return self._transaction(self.connection.execute, lambda: self._write_each(requests, feedback, configs))
+        except TRANSIENT_ERRORS as exc:
+            return Outcome(error=f"{type(exc).__name__}: {exc}")
+
+    def _columns(self, frames: Sequence[bytes]) -> list[Any]:
+        columns: list[Any] = []
+        for frame in frames:
+            columns.extend(self._decode(frame))
+        return columns
+
+    def _write_frames(self, frames: Sequence[bytes], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+        fast: Any = self.fast
+        outcome = Outcome(feedback=len(feedback))
+        if configs:
+            fast.executemany(_INSERT_CONFIG, configs)
+        for frame in frames:
+            outcome.inserted += fast.insert_requests(frame)
+        if feedback:
+            fast.executemany(_UPSERT_FEEDBACK, feedback)
+        return outcome
 
     def write(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
         """Commit the batch (`requests`: the rows' columns, row after row); the refused records are left out
         and reported, a transient failure writes nothing."""
+        execute = self.connection.execute
         try:
             try:
-                return self._transaction(lambda: self._write_all(requests, feedback, configs))
+                return self._transaction(execute, lambda: self._write_all(requests, feedback, configs))
             except TRANSIENT_ERRORS:
                 raise
             except sqlite3.Error:  # some record is refused: write them one by one to find it
-                return self._transaction(lambda: self._write_each(requests, feedback, configs))
+                return self._transaction(execute, lambda: self._write_each(requests, feedback, configs))
         except TRANSIENT_ERRORS as exc:
             return Outcome(error=f"{type(exc).__name__}: {exc}")
 
-    def _transaction(self, body: Callable[[], Outcome]) -> Outcome:
-        connection = self.connection
-        connection.execute("BEGIN IMMEDIATE")
+    @staticmethod
+    def _transaction(execute: Callable[[str], object], body: Callable[[], Outcome]) -> Outcome:
+        execute("BEGIN IMMEDIATE")
         try:
             outcome = body()
-            connection.execute("COMMIT")
+            execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            execute("ROLLBACK")
             raise
         return outcome
 
@@ -247,16 +308,13 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 def serve(incoming: IO[bytes], outgoing: IO[bytes], writer: StoreWriter) -> int:
     """Answer batches until `incoming` ends; the number of batches written."""
     batches = 0
-    decode = encoded_rows.implementation().decode
     while True:
         try:
-            frames, feedback, configs = read_frame(incoming)
-            requests: list[Any] = []
-            for _ in range(frames):
-                requests.extend(decode(read_bytes_frame(incoming)))
+            count, feedback, configs = read_frame(incoming)
+            frames = [read_bytes_frame(incoming) for _ in range(count)]
         except EOFError:
             return batches
-        write_frame(outgoing, writer.write(requests, feedback, configs).as_message())
+        write_frame(outgoing, writer.write_frames(frames, feedback, configs).as_message())
         outgoing.flush()
         batches += 1
 
@@ -283,9 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lower_priority(args.priority)
     connection = store.connect(args.store, cached_statements=len(insert_statements(args.max_rows_per_statement)) + 8)
+    fast = fast_connection(args.store, args.max_rows_per_statement)
     try:
-        serve(sys.stdin.buffer, sys.stdout.buffer, StoreWriter(connection, max_rows_per_statement=args.max_rows_per_statement))
+        serve(sys.stdin.buffer, sys.stdout.buffer,
+              StoreWriter(connection, max_rows_per_statement=args.max_rows_per_statement, fast=fast))
     finally:
+        if fast is not None:
+            fast.close()
         connection.close()
     return 0
 

@@ -37,7 +37,8 @@ def main() -> None:
             print(f"warning: not compiling the request path ({missing}); unless an earlier build of the same sources "
                   "is present, it runs interpreted, which is slower: see BENCHMARKS.md", file=sys.stderr)
         else:
-            native.build()
+            for warning in native.build(required=native.is_set(os.environ, native.REQUIRE_ENVIRONMENT)):
+                print(f"warning: {warning}", file=sys.stderr)
     print(f"balancer request path: {native.decide(native.PACKAGE_DIR, os.environ)[1]}")
 
 

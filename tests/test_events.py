@@ -322,13 +322,17 @@ def test_an_idle_writer_that_does_not_answer_in_time_is_replaced_at_normal_prior
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux's SCHED_IDLE")
 def test_a_writer_starved_by_a_busy_cpu_is_replaced_and_the_batch_committed(tmp_path: Path) -> None:
-    """A real scheduler: an idle-priority writer sharing a CPU with a busy process gets almost none of it."""
+    """A real scheduler: an idle-priority writer sharing a CPU with a busy process gets almost none of it.
+
+    The batch is large enough that the writer cannot commit it in the watchdog's 0.5 s on the few
+    milliseconds of CPU SCHED_IDLE leaves it: with the C connection, 1,500 rows once fitted."""
+    count = 20_000
     cpu = min(os.sched_getaffinity(0))
     hog = subprocess.Popen([sys.executable, "-c", "import os, time\nos.sched_setaffinity(0, {%d})\n"
                             "end = time.monotonic() + 60\nwhile time.monotonic() < end: pass" % cpu])
     try:
         log = EventLog(tmp_path / "outcomes.db", flush_interval_s=60, writer_starved_s=0.5)
-        rows = synthetic_rows(1500)
+        rows = synthetic_rows(count)
         log.record_request(rows[0])
         log.flush()  # started and answered while the CPUs were free
         assert log._process is not None and log.running_priority == "idle"
@@ -341,10 +345,10 @@ def test_a_writer_starved_by_a_busy_cpu_is_replaced_and_the_batch_committed(tmp_
         seconds = time.monotonic() - started
         assert log.writer_escalations == 1 and log.running_priority == "normal" and log.pending == 0
         assert seconds < 5, f"the batch took {seconds:.2f}s"
-        print(f"\n1,499 rows committed {seconds:.2f}s after the flush began (watchdog 0.5 s)")
+        print(f"\n{count - 1:,} rows committed {seconds:.2f}s after the flush began (watchdog 0.5 s)")
         log.close()
     finally:
         hog.kill()
         hog.wait()
     with sqlite3.connect(tmp_path / "outcomes.db") as connection:
-        assert connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1500
+        assert connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == count

@@ -109,3 +109,37 @@ def test_without_a_compiler_the_build_warns_or_fails_as_asked(required: str) -> 
         assert result.returncode == 0, result.stderr
         assert "warning: not compiling the request path (no C compiler" in result.stderr
         assert result.stdout.startswith("balancer request path: ")
+
+
+def test_an_extension_left_out_of_the_build_leaves_the_rest_compiled(package: Path) -> None:
+    built(package)
+    manifest = json.loads((package / native.MANIFEST).read_text())
+    manifest["_store.c"] = native.SKIPPED + "no sqlite3.h (apt-get install libsqlite3-dev)"
+    (package / native.MANIFEST).write_text(json.dumps(manifest))
+    (package / "_store.c").write_text("/* edited, or first present, after a build that left it out */\n")
+    assert native.decide(package, {}) == (True, "compiled")
+    (package / "rows_frame.h").write_text("/* a shared header edited after the build */\n")
+    assert native.decide(package, {}) == (False, "interpreted (changed since the build: rows_frame.h; "
+                                                 "rebuild with make native)")
+
+
+def test_a_missing_library_header_is_named_with_its_package_and_fails_a_required_build(
+        package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to probe headers with")
+    monkeypatch.setitem(native.LIBRARY_HEADERS, "nothing", ("no_such_header_zz.h", "libnothing-dev"))
+    monkeypatch.setitem(native.C_EXTENSIONS, "_nothing", ("nothing",))
+    assert native.missing_header("nothing") == "no no_such_header_zz.h (apt-get install libnothing-dev)"
+    assert native.buildable()["_nothing"] == "no no_such_header_zz.h (apt-get install libnothing-dev)"
+    with pytest.raises(RuntimeError, match=r"cannot build balancer._nothing: no no_such_header_zz.h"):
+        native.build(package, required=True)
+    assert not native.extensions(package)  # refused before anything was compiled
+
+
+def test_the_build_here_includes_the_store_writers_connection() -> None:
+    require_native_build()
+    manifest = json.loads((native.PACKAGE_DIR / native.MANIFEST).read_text())
+    if manifest["_store.c"].startswith(native.SKIPPED) and not native.is_set(os.environ, native.REQUIRE_ENVIRONMENT):
+        pytest.skip(f"balancer._store was left out of the build here: {manifest['_store.c']}")
+    assert manifest["_store.c"] == native.source_digests()["_store.c"]
+    assert any(path.name.startswith("_store.") for path in native.extensions())

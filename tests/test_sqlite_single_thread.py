@@ -57,4 +57,4 @@ def test_the_store_writer_process_configures_sqlite_before_importing_it() -> Non
     source = (REPO / "balancer" / "store_writer.py").read_text()
     configure_at = source.index("sqlite_single_thread.configure()")
     assert configure_at < source.index("import sqlite3")
-    assert configure_at < source.index("from balancer import store\n")
+    assert configure_at < source.index("from balancer import native, store\n")
