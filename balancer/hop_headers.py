@@ -8,20 +8,73 @@ directions are built once per request, as bytes.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
+from balancer import native
 from balancer.http_server import HttpRequest, HttpResponse
 from balancer.upstream_client import UpstreamResponse
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself.
-_NOT_FORWARDED = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
-    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
-    b"x-variant", b"x-request-id", b"x-forwarded-for",
+Held = list[tuple[int, bytes]]
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself. The first names of each are the ones
+# the proxy reads from what it holds back.
+_NOT_FORWARDED: tuple[bytes, ...] = (
+    b"host", b"connection", b"x-forwarded-for",
+    b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length",
+    b"x-variant", b"x-request-id",
     b"expect",  # the body is already complete: upstream it could only provoke a 100 Continue
-})
-_NOT_RETURNED = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"te", b"trailer", b"trailers",
-    b"transfer-encoding", b"upgrade", b"content-length", b"x-variant", b"x-request-id",
-})
+)
+_HOST, _CONNECTION, _FORWARDED_FOR = 0, 1, 2
+_NOT_RETURNED: tuple[bytes, ...] = (
+    b"connection", b"content-length",
+    b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"te", b"trailer", b"trailers",
+    b"transfer-encoding", b"upgrade", b"x-variant", b"x-request-id",
+)
+_RETURNED_CONNECTION, _CONTENT_LENGTH = 0, 1
+_NOT_FORWARDED_SET = frozenset(_NOT_FORWARDED)
+_NOT_RETURNED_SET = frozenset(_NOT_RETURNED)
+_POSITIONS: dict[tuple[bytes, ...], dict[bytes, int]] = {names: {name: position for position, name in enumerate(names)} for names in (_NOT_FORWARDED, _NOT_RETURNED)}
+
+
+def python_strip(headers: list[tuple[bytes, bytes]], dropped: tuple[bytes, ...]) -> tuple[bytes, Held]:
+    """`balancer._headers.strip` in Python (for `_NOT_FORWARDED` and `_NOT_RETURNED`): the headers not in `dropped`
+    as joined lines, and (position in `dropped`, value) for the others."""
+    positions = _POSITIONS[dropped]
+    lines: list[bytes] = []
+    held: Held = []
+    for name, value in headers:
+        position = positions.get(name.lower())
+        if position is None:
+            lines.append(b"%s: %s\r\n" % (name, value))
+        else:
+            held.append((position, value))
+    return b"".join(lines), held
+
+
+def _strip_implementation() -> Callable[[list[tuple[bytes, bytes]], tuple[bytes, ...]], tuple[bytes, Held]]:
+    """`balancer._headers.strip` where this process runs the compiled modules (see balancer/native.py), else
+    `python_strip`."""
+    if native.MODE == "compiled":
+        strip: Callable[[list[tuple[bytes, bytes]], tuple[bytes, ...]], tuple[bytes, Held]]
+        strip = importlib.import_module(f"{native.PACKAGE}._headers").strip
+        return strip
+    return python_strip
+
+
+strip = _strip_implementation()
+
+
+def _connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The header names a Connection header lists, lower-case."""
+    return frozenset(token.strip().lower() for token in value.split(b","))
+
+
+def _lines_except(headers: list[tuple[bytes, bytes]], names: frozenset[bytes]) -> bytes:
+    """The header lines whose lower-case names are not in `names` (for a Connection header's own list: rare, and
+    of any size, so through a set rather than `strip`'s scan)."""
+    return b"".join([b"%s: %s\r\n" % (name, value) for name, value in headers if name.lower() not in names])
 
 
 def cookie_value(header: str | None, name: str) -> str | None:
@@ -43,44 +96,39 @@ def forwarded_headers(request: HttpRequest, request_id: str) -> bytes:
 
     Built once per request as bytes; `serialize_request` adds the request line, Host and framing.
     """
-    connection_tokens: frozenset[bytes] = frozenset()
+    lines, held = strip(request.headers, _NOT_FORWARDED)
     forwarded_for = b""
     host = b""
-    lines: list[bytes] = []
-    for name, value in request.headers:
-        lower = name.lower()
-        if lower not in _NOT_FORWARDED:
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif lower == b"host":
+    connection: bytes | None = None
+    for position, value in held:
+        if position == _HOST:
             host = value
-        elif lower == b"connection":
-            connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
-        elif lower == b"x-forwarded-for":
+        elif position == _CONNECTION:
+            connection = value
+        elif position == _FORWARDED_FOR:
             forwarded_for += value + b", "
-    if connection_tokens:  # headers the client named as hop-by-hop in Connection (rare)
-        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
-    lines.append(
-        b"X-Request-ID: %s\r\nX-Forwarded-For: %s%s\r\nX-Forwarded-Host: %s\r\nX-Forwarded-Proto: http\r\n"
-        % (request_id.encode(), forwarded_for, (request.remote or "unknown").encode(), host)
-    )
-    return b"".join(lines)
+    if connection is not None:  # headers the client named as hop-by-hop in Connection (rare)
+        tokens = _connection_tokens(connection)
+        if not tokens <= _NOT_FORWARDED_SET:
+            lines = _lines_except(request.headers, _NOT_FORWARDED_SET | tokens)
+    return b"%sX-Request-ID: %s\r\nX-Forwarded-For: %s%s\r\nX-Forwarded-Host: %s\r\nX-Forwarded-Proto: http\r\n" % (
+        lines, request_id.encode(), forwarded_for, (request.remote or "unknown").encode(), host)
 
 
 def returned_answer(response: UpstreamResponse, variant: str, request_id: str) -> HttpResponse:
     """The upstream's answer for the client: its headers minus hop-by-hop and framing ones (the server
     re-frames the body), plus X-Variant and X-Request-ID."""
-    lines: list[bytes] = []
-    connection_tokens: frozenset[bytes] = frozenset()
+    lines, held = strip(response.headers, _NOT_RETURNED)
+    connection: bytes | None = None
     head_length: int | None = None
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower not in _NOT_RETURNED:
-            lines.append(b"%s: %s\r\n" % (name, value))
-        elif lower == b"connection":
-            connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
-        elif lower == b"content-length" and value.isdigit():
+    for position, value in held:
+        if position == _RETURNED_CONNECTION:
+            connection = value
+        elif position == _CONTENT_LENGTH and value.isdigit():
             head_length = int(value)  # what a HEAD answer announces
-    if connection_tokens:
-        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
-    lines.append(b"X-Variant: %s\r\nX-Request-ID: %s\r\n" % (variant.encode(), request_id.encode()))
-    return HttpResponse(response.status, b"".join(lines), response.body, head_length)
+    if connection is not None:
+        tokens = _connection_tokens(connection)
+        if not tokens <= _NOT_RETURNED_SET:
+            lines = _lines_except(response.headers, _NOT_RETURNED_SET | tokens)
+    return HttpResponse(response.status, b"%sX-Variant: %s\r\nX-Request-ID: %s\r\n"
+                        % (lines, variant.encode(), request_id.encode()), response.body, head_length)

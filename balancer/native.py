@@ -8,10 +8,10 @@ compiled. Python prefers an extension over a source file of the same name, so at
 the build, or `BALANCER_PURE_PYTHON=1` is set, every module is imported from its `.py` file
 instead, and `MODE` says why. An edit therefore never runs stale compiled code.
 
-`C_EXTENSIONS` are written in C (`balancer/_rows.c`, `balancer/_store.c`) and built in the same
+`C_EXTENSIONS` are written in C (`balancer/_rows.c`, `_headers.c`, `_store.c`) and built in the same
 step; their sources and the headers they share (`C_HEADERS`) are hashed too. Code using one asks
 for it only when `MODE` is "compiled", and otherwise runs its Python equivalent
-(`balancer/rows.py`; the store writer's Python sqlite3 path). An extension that links a library
+(`balancer/rows.py`, `hop_headers.python_strip`, the store writer's Python sqlite3 path). An extension that links a library
 (`_store`: SQLite) is left out of a build where the library's header is missing, with a warning,
 and the manifest says so; the rest is built.
 
@@ -44,7 +44,7 @@ COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "a
 # Extensions written in C, built alongside (`balancer/<name>.c` -> `balancer.<name>`), with the libraries each
 # links; with no build of their current source, the code that uses them runs its Python equivalent (see
 # balancer.rows.implementation, balancer.store_writer.fast_connection).
-C_EXTENSIONS: dict[str, tuple[str, ...]] = {"_rows": (), "_store": ("sqlite3",)}
+C_EXTENSIONS: dict[str, tuple[str, ...]] = {"_rows": (), "_headers": (), "_store": ("sqlite3",)}
 C_HEADERS = ("rows_frame.h",)  # included by the C extensions
 # The header each library is compiled against (Debian: libsqlite3-dev).
 LIBRARY_HEADERS = {"sqlite3": ("sqlite3.h", "libsqlite3-dev")}
