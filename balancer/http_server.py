@@ -53,7 +53,7 @@ class HttpRequest:
                  "response", "admitted", "counted")
 
     def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], header_map: dict[bytes, bytes],
-                 remote: str | None, version: str) -> None:
+                 remote: str | None, version: str | None) -> None:
         self.method = method
         self.target = target
         self.headers = headers
@@ -61,6 +61,8 @@ class HttpRequest:
         self.body = b""
         self.remote = remote
         self.keep_alive = True
+        # "1.0" or "1.1"; None when the request has neither a Connection nor an Expect header, the two things the
+        # version matters for (httptools formats it as a new str on each call: 2,300 instructions per request).
         self.version = version
         self.response: HttpResponse | None = None  # set once answered (early, or by the handler)
         self.admitted = False  # the handler accepted it and has not been told it is finished
@@ -247,8 +249,10 @@ class ClientConnection(asyncio.Protocol):
         # lower-case name -> first value (the reversed walk lets the first occurrence win)
         header_map = {name.lower(): value for name, value in reversed(headers)}
         method = parser.get_method()
+        # A keep-alive HTTP/1.0 client always sends Connection (should_keep_alive() is False without it).
+        version = parser.get_http_version() if b"connection" in header_map or b"expect" in header_map else None
         request = HttpRequest(_METHODS.get(method) or method.decode("latin-1"), self.url.decode("latin-1"), headers,
-                              header_map, self.remote, parser.get_http_version())
+                              header_map, self.remote, version)
         length_text = header_map.get(b"content-length")
         length = int(length_text) if length_text is not None and length_text.isdigit() else None
         max_body = self.server.max_body_bytes

@@ -210,6 +210,17 @@ async def test_http_10_gets_keep_alive_only_when_it_asks(running: Running) -> No
     writer.close()
 
 
+async def test_the_version_is_read_where_it_matters_expect_and_keep_alive(running: Running) -> None:
+    reader, writer = await connect(running.port)
+    writer.write(b"POST /e HTTP/1.0\r\nExpect: 100-continue\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok")
+    reply = await read_reply(reader)  # no 100 Continue for HTTP/1.0: the first thing read is the answer
+    assert reply.status == 200 and reply.json()["body"] == "ok" and reply.headers["connection"] == "keep-alive"
+    writer.write(b"GET /k HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+    reply = await read_reply(reader)
+    assert reply.status == 200 and "connection" not in reply.headers  # HTTP/1.1 keeps alive without saying so
+    writer.close()
+
+
 async def test_stalled_body_gets_408_and_frees_its_slot(running: Running) -> None:
     reader, writer = await connect(running.port)
     writer.write(b"POST /stall HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\nonly part")
