@@ -835,15 +835,26 @@ def _stalls_section(results: BenchResults) -> str:
         title + f"`python -m bench.loop_stalls --rate {first.rows / first.seconds:.0f} --seconds {first.seconds:g}`: an "
         "event loop records request rows into an outcome log (flushed every 0.2 s) and otherwise spins, noting "
         f"every gap over {STALL_S * 1000:g} ms between two of its iterations. While Python's sqlite3 binds an "
-        "INSERT's parameters it holds the GIL, so when that runs in the balancer's process the loop, and every "
-        "request waiting on it, stalls. The balancer commits from a writer process (`balancer/store_writer.py`); "
-        "the second row is a thread in the same process running the same writer, as the balancer did before"
+        "INSERT's parameters it holds the GIL, and with it the loop. The balancer commits from a writer process "
+        "(`balancer/store_writer.py`); the second row is a thread in the same process running the same writer, as "
+        "the balancer did before"
         + ("; the last records nothing, so its stalls are the machine's own (the hypervisor's steal, other "
            "processes), which the other runs suffer too" if any(run.writer == WRITERS[2] for run in results.loop_stalls)
-           else "") + ". Stalls are part of the p99 added latency above.\n\n"
+           else "") + ". Stalls are part of the p99 added latency above." + _stalls_comparison(results) + "\n\n"
         "| who commits | stalls | median stall ms | longest ms | share of the time stalled | steal |\n"
         "|---|---|---|---|---|---|\n" + "".join(rows)
     )
+
+
+def _stalls_comparison(results: BenchResults) -> str:
+    """A sentence for a run in which the writer process stalled the loop more than the thread did."""
+    runs = {run.writer: run for run in results.loop_stalls}
+    used, thread = runs.get(WRITERS[0]), runs.get(WRITERS[1])
+    if used is None or thread is None or used.stalled_share <= thread.stalled_share:
+        return ""
+    return (f" In this run the writer process stalled the loop more than the thread ({len(used.gaps)} stalls against "
+            f"{len(thread.gaps)}): those stalls do not come from SQLite, which runs in the other process, and what "
+            "causes them is not established.")
 
 
 def _tail_section(results: BenchResults) -> str:

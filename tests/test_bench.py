@@ -460,6 +460,10 @@ def test_loop_stalls_render_per_writer_and_mark_the_one_used() -> None:
     assert "| writer thread (before) | 30 | 2.00 | 2.00 | 1.00 % | 3.1 % |" in report
     assert "| no outcome log: the machine's own stalls | 1 | 1.50 | 1.50 | 0.03 % | 20.0 % |" in report
     assert "the last records nothing, so its stalls are the machine's own" in report
+    assert "stalled the loop more than the thread" not in report
+    results.loop_stalls[1] = Stalls(writer="writer thread", rows=30_000, seconds=6.0, gaps=[], steal=0.0)
+    report = render_report(results)
+    assert "In this run the writer process stalled the loop more than the thread (2 stalls against 0)" in report
     results.loop_stalls = [Stalls(writer="writer process", rows=30_000, seconds=6.0, gaps=[])]  # from before steal
     report = render_report(results)
     assert "| writer process (used) | 0 | 0.00 | 0.00 | 0.00 % | n/a |" in report
