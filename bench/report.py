@@ -714,8 +714,17 @@ def _bounds_section(results: BenchResults) -> str:
         "`recv` system calls, as nginx's does; the rest is uvloop, httptools, the compiled request path and the CPython "
         "object machinery (allocation, attribute and dictionary lookups) it still goes through. Several worker processes "
         "(`server.workers`, \"Several worker processes\" above) share the load of one port, not the CPU a request "
-        "costs.\n" + _model_cpu_paragraph(results)
+        "costs." + _negative_layer_sentence(floor_cpu, lean_cpu, full_cpu) + "\n" + _model_cpu_paragraph(results)
     )
+
+
+def _negative_layer_sentence(floor_cpu: float, lean_cpu: float, full_cpu: float) -> str:
+    """What a layer that came out below zero means ('' when none did)."""
+    if not (lean_cpu < floor_cpu or full_cpu < lean_cpu):
+        return ""
+    return (" A layer below zero is not a saving: these are separate processes, each measured in its own saturation "
+            "runs, whose CPU per request moved more between rounds than that layer costs. \"Instructions per "
+            "request\" below splits the same layers with counts the machine cannot move.")
 
 
 def _spread_comparison(raw: list[float], adjusted: list[float]) -> str:

@@ -1133,3 +1133,11 @@ Ir                   file:function
         "cursor.c:bind_param": 81_467_743,  # one name in two places: summed
         "???:sqlite3_step": 5_720_000,
     }  # recursion markers ('2) and bare addresses left out
+
+
+def test_a_layer_below_zero_is_explained_as_noise_and_only_then() -> None:
+    from bench.report import _negative_layer_sentence
+
+    assert "A layer below zero is not a saving" in _negative_layer_sentence(46.0, 40.0, 41.0)  # the floor above lean
+    assert "A layer below zero is not a saving" in _negative_layer_sentence(30.0, 40.0, 39.0)  # lean above default
+    assert _negative_layer_sentence(30.0, 35.0, 40.0) == ""
