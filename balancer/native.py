@@ -46,8 +46,9 @@ COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "a
 # balancer.rows.implementation, balancer.store_writer.fast_connection).
 C_EXTENSIONS: dict[str, tuple[str, ...]] = {"_rows": (), "_headers": (), "_store": ("sqlite3",)}
 C_HEADERS = ("rows_frame.h",)  # included by the C extensions
-# The header each library is compiled against (Debian: libsqlite3-dev).
-LIBRARY_HEADERS = {"sqlite3": ("sqlite3.h", "libsqlite3-dev")}
+# The header each library is compiled against, the package that has it (Debian), and the preprocessor
+# condition its version must meet (`_store.c` uses sqlite3_prepare_v3, new in SQLite 3.20).
+LIBRARY_HEADERS = {"sqlite3": ("sqlite3.h", "libsqlite3-dev", "SQLITE_VERSION_NUMBER >= 3020000")}
 SKIPPED = "skipped: "  # a manifest entry's prefix for an extension left out of the build
 MANIFEST = "native.json"
 GROUP = f"{PACKAGE}.native_group"  # one shared library: calls between the modules stay native
@@ -119,10 +120,18 @@ def select(environ: Mapping[str, str] = os.environ) -> str:
 
 def missing_header(library: str, compiler: str = "cc") -> str:
     """Why `library`'s header cannot be compiled against here, or "" when it can."""
-    header, package = LIBRARY_HEADERS[library]
-    probe = subprocess.run([*compiler.split(), "-fsyntax-only", "-x", "c", "-"], input=f"#include <{header}>\n",
-                           capture_output=True, text=True, check=False)
-    return "" if probe.returncode == 0 else f"no {header} (apt-get install {package})"
+    header, package, condition = LIBRARY_HEADERS[library]
+
+    def compiles(source: str) -> bool:
+        probe = subprocess.run([*compiler.split(), "-fsyntax-only", "-x", "c", "-"], input=source,
+                               capture_output=True, text=True, check=False)
+        return probe.returncode == 0
+
+    if not compiles(f"#include <{header}>\n"):
+        return f"no {header} (apt-get install {package})"
+    if not compiles(f"#include <{header}>\n#if !({condition})\n#error too old\n#endif\n"):
+        return f"{header} is too old (needs {condition})"
+    return ""
 
 
 def buildable(compiler: str = "cc") -> dict[str, str]:

@@ -127,7 +127,9 @@ def test_a_missing_library_header_is_named_with_its_package_and_fails_a_required
         package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if shutil.which("cc") is None:
         pytest.skip("no C compiler to probe headers with")
-    monkeypatch.setitem(native.LIBRARY_HEADERS, "nothing", ("no_such_header_zz.h", "libnothing-dev"))
+    monkeypatch.setitem(native.LIBRARY_HEADERS, "nothing", ("no_such_header_zz.h", "libnothing-dev", "1"))
+    monkeypatch.setitem(native.LIBRARY_HEADERS, "old", ("limits.h", "libc6-dev", "INT_MAX < 0"))
+    assert native.missing_header("old") == "limits.h is too old (needs INT_MAX < 0)"
     monkeypatch.setitem(native.C_EXTENSIONS, "_nothing", ("nothing",))
     assert native.missing_header("nothing") == "no no_such_header_zz.h (apt-get install libnothing-dev)"
     assert native.buildable()["_nothing"] == "no no_such_header_zz.h (apt-get install libnothing-dev)"
