@@ -16,6 +16,7 @@ from balancer.http_server import HttpRequest, HttpResponse
 from balancer.upstream_client import UpstreamResponse
 
 Held = list[tuple[int, bytes]]
+Strip = Callable[[list[tuple[bytes, bytes]], tuple[bytes, ...]], tuple[bytes, Held]]
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself. The first names of each are the ones
 # the proxy reads from what it holds back.
@@ -35,7 +36,9 @@ _NOT_RETURNED: tuple[bytes, ...] = (
 _RETURNED_CONNECTION, _CONTENT_LENGTH = 0, 1
 _NOT_FORWARDED_SET = frozenset(_NOT_FORWARDED)
 _NOT_RETURNED_SET = frozenset(_NOT_RETURNED)
-_POSITIONS: dict[tuple[bytes, ...], dict[bytes, int]] = {names: {name: position for position, name in enumerate(names)} for names in (_NOT_FORWARDED, _NOT_RETURNED)}
+_POSITIONS: dict[tuple[bytes, ...], dict[bytes, int]] = {
+    names: {name: position for position, name in enumerate(names)} for names in (_NOT_FORWARDED, _NOT_RETURNED)
+}
 
 
 def python_strip(headers: list[tuple[bytes, bytes]], dropped: tuple[bytes, ...]) -> tuple[bytes, Held]:
@@ -53,12 +56,11 @@ def python_strip(headers: list[tuple[bytes, bytes]], dropped: tuple[bytes, ...])
     return b"".join(lines), held
 
 
-def _strip_implementation() -> Callable[[list[tuple[bytes, bytes]], tuple[bytes, ...]], tuple[bytes, Held]]:
+def _strip_implementation() -> Strip:
     """`balancer._headers.strip` where this process runs the compiled modules (see balancer/native.py), else
     `python_strip`."""
     if native.MODE == "compiled":
-        strip: Callable[[list[tuple[bytes, bytes]], tuple[bytes, ...]], tuple[bytes, Held]]
-        strip = importlib.import_module(f"{native.PACKAGE}._headers").strip
+        strip: Strip = importlib.import_module(f"{native.PACKAGE}._headers").strip
         return strip
     return python_strip
 

@@ -8,12 +8,12 @@ compiled. Python prefers an extension over a source file of the same name, so at
 the build, or `BALANCER_PURE_PYTHON=1` is set, every module is imported from its `.py` file
 instead, and `MODE` says why. An edit therefore never runs stale compiled code.
 
-`C_EXTENSIONS` are written in C (`balancer/_rows.c`, `_headers.c`, `_store.c`) and built in the same
-step; their sources and the headers they share (`C_HEADERS`) are hashed too. Code using one asks
-for it only when `MODE` is "compiled", and otherwise runs its Python equivalent
-(`balancer/rows.py`, `hop_headers.python_strip`, the store writer's Python sqlite3 path). An extension that links a library
-(`_store`: SQLite) is left out of a build where the library's header is missing, with a warning,
-and the manifest says so; the rest is built.
+`C_EXTENSIONS` are written in C (`balancer/_rows.c`, `_headers.c`, `_store.c`) and built in the
+same step; their sources and the headers they share (`C_HEADERS`) are hashed too. Code using one
+asks for it only when `MODE` is "compiled", and otherwise runs its Python equivalent
+(`balancer/rows.py`, `hop_headers.python_strip`, the store writer's Python sqlite3 path). An
+extension that links a library (`_store`: SQLite) is left out of a build where the library's
+header is missing or too old, with a warning, and the manifest says so; the rest is built.
 
 mypyc compiles only what mypy accepts, checks types at run time, and makes classes native:
 methods cannot be monkeypatched and unknown attributes cannot be set. `make bench` measures
@@ -173,7 +173,8 @@ def build(package_dir: Path = PACKAGE_DIR, *, required: bool = False) -> list[st
         finally:
             os.chdir(previous)
         built = extensions(workdir / PACKAGE)
-        expected = len(COMPILED_MODULES) + 1 + len(C_EXTENSIONS) - len(left_out)  # one per module, the group's library, the C ones
+        # one per module, the group's shared library, the C ones built
+        expected = len(COMPILED_MODULES) + 1 + len(C_EXTENSIONS) - len(left_out)
         if len(built) != expected:
             raise RuntimeError(f"the build made {[path.name for path in built]}, expected {expected} extensions")
         for stale in extensions(package_dir):
