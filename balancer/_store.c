@@ -31,7 +31,7 @@
 #include "rows_frame.h"
 
 typedef struct {
-    PyObject *Error, *InterfaceError, *DatabaseError, *InternalError, *OperationalError, *ProgrammingError,
+    PyObject *InterfaceError, *DatabaseError, *InternalError, *OperationalError, *ProgrammingError,
         *IntegrityError, *DataError;
 } Exceptions;
 
@@ -455,7 +455,7 @@ static int load_exceptions(void) {
         return -1;
     }
     struct { const char *name; PyObject **slot; } wanted[] = {
-        {"Error", &exceptions.Error}, {"InterfaceError", &exceptions.InterfaceError},
+        {"InterfaceError", &exceptions.InterfaceError},
         {"DatabaseError", &exceptions.DatabaseError}, {"InternalError", &exceptions.InternalError},
         {"OperationalError", &exceptions.OperationalError}, {"ProgrammingError", &exceptions.ProgrammingError},
         {"IntegrityError", &exceptions.IntegrityError}, {"DataError", &exceptions.DataError},

@@ -68,14 +68,16 @@ def _strip_implementation() -> Strip:
 strip = _strip_implementation()
 
 
-def _connection_tokens(value: bytes) -> frozenset[bytes]:
-    """The header names a Connection header lists, lower-case."""
-    return frozenset(token.strip().lower() for token in value.split(b","))
-
-
-def _lines_except(headers: list[tuple[bytes, bytes]], names: frozenset[bytes]) -> bytes:
-    """The header lines whose lower-case names are not in `names` (for a Connection header's own list: rare, and
-    of any size, so through a set rather than `strip`'s scan)."""
+def _without_listed(headers: list[tuple[bytes, bytes]], lines: bytes, connection: bytes | None,
+                    dropped: frozenset[bytes]) -> bytes:
+    """`lines`, or, where a Connection header names headers beyond `dropped` (rare, and a list of any size, so
+    through a set rather than `strip`'s scan), the lines of `headers` without those either."""
+    if connection is None:
+        return lines
+    listed = frozenset(token.strip().lower() for token in connection.split(b","))
+    if listed <= dropped:
+        return lines
+    names = dropped | listed
     return b"".join([b"%s: %s\r\n" % (name, value) for name, value in headers if name.lower() not in names])
 
 
@@ -109,10 +111,7 @@ def forwarded_headers(request: HttpRequest, request_id: str) -> bytes:
             connection = value
         elif position == _FORWARDED_FOR:
             forwarded_for += value + b", "
-    if connection is not None:  # headers the client named as hop-by-hop in Connection (rare)
-        tokens = _connection_tokens(connection)
-        if not tokens <= _NOT_FORWARDED_SET:
-            lines = _lines_except(request.headers, _NOT_FORWARDED_SET | tokens)
+    lines = _without_listed(request.headers, lines, connection, _NOT_FORWARDED_SET)
     return b"%sX-Request-ID: %s\r\nX-Forwarded-For: %s%s\r\nX-Forwarded-Host: %s\r\nX-Forwarded-Proto: http\r\n" % (
         lines, request_id.encode(), forwarded_for, (request.remote or "unknown").encode(), host)
 
@@ -128,9 +127,6 @@ def returned_answer(response: UpstreamResponse, variant: str, request_id: str) -
             connection = value
         elif position == _CONTENT_LENGTH and value.isdigit():
             head_length = int(value)  # what a HEAD answer announces
-    if connection is not None:
-        tokens = _connection_tokens(connection)
-        if not tokens <= _NOT_RETURNED_SET:
-            lines = _lines_except(response.headers, _NOT_RETURNED_SET | tokens)
+    lines = _without_listed(response.headers, lines, connection, _NOT_RETURNED_SET)
     return HttpResponse(response.status, b"%sX-Variant: %s\r\nX-Request-ID: %s\r\n"
                         % (lines, variant.encode(), request_id.encode()), response.body, head_length)

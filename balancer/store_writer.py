@@ -153,6 +153,18 @@ class Outcome:
         return self.inserted, self.feedback, self.rejected, self.error
 
 
+def _write_batch(executemany: Callable[[str, Sequence[Row]], object], insert_requests: Callable[[], int],
+                 feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+    """A batch's records on one connection (`insert_requests` stores the request rows and says how many)."""
+    outcome = Outcome(feedback=len(feedback))
+    if configs:
+        executemany(_INSERT_CONFIG, configs)
+    outcome.inserted = insert_requests()
+    if feedback:
+        executemany(_UPSERT_FEEDBACK, feedback)
+    return outcome
+
+
 def fast_connection(path: str, max_rows: int = MAX_ROWS_PER_STATEMENT, busy_timeout_ms: int = 5000) -> Any | None:
     """A `balancer._store.Connection` to the store at `path` (whose schema exists), inserting at most `max_rows` rows
     a statement, where that extension is built from its current source and this process runs the compiled modules
@@ -182,17 +194,34 @@ class StoreWriter:
 
     def write_frames(self, frames: Sequence[bytes], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
         """Commit the batch (`frames`: its request rows, encoded as `balancer.rows` encodes them), like `write`."""
-        fast = self.fast
+        fast: Any = self.fast
         if fast is None:
             return self.write(self._columns(frames), feedback, configs)
+        return self._commit(fast.execute,
+                            lambda: _write_batch(fast.executemany, lambda: sum(map(fast.insert_requests, frames)),
+                                                 feedback, configs),
+                            lambda: self._write_each(self._columns(frames), feedback, configs))
+
+    def write(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
+        """Commit the batch (`requests`: the rows' columns, row after row); the refused records are left out
+        and reported, a transient failure writes nothing."""
+        connection = self.connection
+        return self._commit(connection.execute,
+                            lambda: _write_batch(connection.executemany, lambda: self._insert_columns(requests),
+                                                 feedback, configs),
+                            lambda: self._write_each(requests, feedback, configs))
+
+    def _commit(self, execute: Callable[[str], object], whole: Callable[[], Outcome],
+                each: Callable[[], Outcome]) -> Outcome:
+        """`whole` in one transaction on the connection `execute` belongs to; when SQLite refuses a record, `each`
+        (one record at a time, on Python's connection) instead; a transient failure writes nothing."""
         try:
             try:
-                return self._transaction(fast.execute, lambda: self._write_frames(frames, feedback, configs))
+                return self._transaction(execute, whole)
             except TRANSIENT_ERRORS:
                 raise
-            except sqlite3.Error:  # some record is refused: find it through Python's connection
-                requests = self._columns(frames)
-                return self._transaction(self.connection.execute, lambda: self._write_each(requests, feedback, configs))
+            except sqlite3.Error:  # some record is refused: write them one by one to find it
+                return self._transaction(self.connection.execute, each)
         except TRANSIENT_ERRORS as exc:
             return Outcome(error=f"{type(exc).__name__}: {exc}")
 
@@ -202,30 +231,13 @@ class StoreWriter:
             columns.extend(self._decode(frame))
         return columns
 
-    def _write_frames(self, frames: Sequence[bytes], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
-        fast: Any = self.fast
-        outcome = Outcome(feedback=len(feedback))
-        if configs:
-            fast.executemany(_INSERT_CONFIG, configs)
-        for frame in frames:
-            outcome.inserted += fast.insert_requests(frame)
-        if feedback:
-            fast.executemany(_UPSERT_FEEDBACK, feedback)
-        return outcome
-
-    def write(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
-        """Commit the batch (`requests`: the rows' columns, row after row); the refused records are left out
-        and reported, a transient failure writes nothing."""
-        execute = self.connection.execute
-        try:
-            try:
-                return self._transaction(execute, lambda: self._write_all(requests, feedback, configs))
-            except TRANSIENT_ERRORS:
-                raise
-            except sqlite3.Error:  # some record is refused: write them one by one to find it
-                return self._transaction(execute, lambda: self._write_each(requests, feedback, configs))
-        except TRANSIENT_ERRORS as exc:
-            return Outcome(error=f"{type(exc).__name__}: {exc}")
+    def _insert_columns(self, requests: list[Any]) -> int:
+        """Insert request columns through Python's connection; the rows stored."""
+        if not requests:
+            return 0
+        before = self.connection.total_changes
+        insert_columns(self.connection, requests, self.statements)
+        return self.connection.total_changes - before
 
     @staticmethod
     def _transaction(execute: Callable[[str], object], body: Callable[[], Outcome]) -> Outcome:
@@ -236,19 +248,6 @@ class StoreWriter:
         except BaseException:
             execute("ROLLBACK")
             raise
-        return outcome
-
-    def _write_all(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
-        connection = self.connection
-        outcome = Outcome(feedback=len(feedback))
-        if configs:
-            connection.executemany(_INSERT_CONFIG, configs)
-        if requests:
-            before = connection.total_changes
-            insert_columns(connection, requests, self.statements)
-            outcome.inserted = connection.total_changes - before
-        if feedback:
-            connection.executemany(_UPSERT_FEEDBACK, feedback)
         return outcome
 
     def _write_each(self, requests: list[Any], feedback: Sequence[Row], configs: Sequence[Row]) -> Outcome:
