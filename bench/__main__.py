@@ -62,6 +62,9 @@ from bench.stack import (
     priority_label,
     workers_label,
 )
+from bench.tail_episodes import SLOW_MS as TAIL_SLOW_MS
+from bench.tail_episodes import TailRun
+from bench.tail_episodes import measure as measure_tail
 from bench.tools import describe_code, describe_machine, ensure_tools, load_average
 from bench.wrk import wrk_command
 from tests.processes import REPO, artifacts_dir, may_lower_niceness
@@ -143,6 +146,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
             fixed_rate_pinned = _measure_pinned_fixed_rate(
                 [target for target in latency_targets if target not in priority_targets], settings, rates["noop"], body_file)
             workers_rate, workers_fixed_rate = _measure_workers_fixed_rate(by_name, saturation, settings, body_file)
+            tail_runs = _measure_tail_episodes(by_name, settings, rates["noop"], body_file, workdir)
             cold_start = measure_starts(stack, starts=settings.cold_starts, rate=rates["noop"],
                                         windows=settings.cold_windows, window_s=settings.cold_window_s, settings=settings)
             load_after = load_average()
@@ -156,6 +160,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
                 cold_start_window_s=settings.cold_window_s, workers=WORKERS, workers_rate=workers_rate,
                 workers_fixed_rate=workers_fixed_rate,
                 priority=PRIORITY if priority_targets else None, priority_targets=priority_targets,
+                tail_runs=tail_runs,
             )
             _add_perf_profiles(results, settings, body_file, tools["wrk"], workdir)
             if profile:
@@ -202,6 +207,14 @@ def _measure_pinned_fixed_rate(latency_targets: list[Target], settings: Settings
     return interleaved([target for target in latency_targets if target.kind == "noop"], settings.rounds,
                        lambda target: measure_fixed_rate(target, rate, settings, body_file, pinned=split),
                        pause_s=settings.pause_s, what="fixed rate, hop on a CPU of its own")
+
+
+def _measure_tail_episodes(by_name: dict[str, Target], settings: Settings, rate: float, body_file: Path,
+                           workdir: Path) -> list[TailRun]:
+    """Traced fixed-rate runs of the no-op balancer and nginx: what their slow answers are made of."""
+    targets = [by_name["noop balancer"], by_name["noop nginx"]]
+    logger.info("tracing fixed-rate runs at %.0f req/s (bench/tail_episodes.py), %d rounds", rate, settings.rounds)
+    return measure_tail(targets, rate, settings.rounds, settings, body_file, TAIL_SLOW_MS, workdir)
 
 
 def _measure_workers_fixed_rate(by_name: dict[str, Target], saturation: dict[str, list[SaturationSample]],

@@ -70,7 +70,8 @@ static const char HELP[] =
     "  --users N          distinct X-User-ID values (default 1000)\n"
     "  --body-file FILE   the POST body (required)\n"
     "  --trace FILE       also write every measured answer to FILE, in dispatch order: one line\n"
-    "                     'dispatched_s latency_ms' (seconds since the first measured dispatch)\n";
+    "                     'dispatched_s latency_ms' (seconds since the first measured dispatch),\n"
+    "                     after a first line '# first dispatch at UNIX_S' (CLOCK_REALTIME)\n";
 
 /* ---- command line ---------------------------------------------------------------------------- */
 
@@ -945,7 +946,8 @@ static int compare_trace_lines(const void *left, const void *right)
     return (a[0] > b[0]) - (a[0] < b[0]);
 }
 
-/* --trace: every measured answer as 'dispatched_s latency_ms', in dispatch order (answers arrive out of it). */
+/* --trace: every measured answer as 'dispatched_s latency_ms', in dispatch order (answers arrive out of it),
+   after a comment line with the first dispatch's wall-clock time, so samples taken elsewhere line up with it. */
 static void write_trace(const struct client *client, const char *path)
 {
     nanoseconds *pairs = allocate(client->completed ? client->completed * 2 : 1, sizeof *pairs);
@@ -957,6 +959,7 @@ static void write_trace(const struct client *client, const char *path)
     FILE *file = fopen(path, "w");
     if (file == NULL)
         die("--trace '%s': %s", path, strerror(errno));
+    fprintf(file, "# first dispatch at %.6f\n", client->completed ? (double)pairs[0] / 1e9 : 0.0);
     for (uint64_t index = 0; index < client->completed; index++)
         fprintf(file, "%.6f %.3f\n", (double)(pairs[2 * index] - pairs[0]) / 1e9, (double)pairs[2 * index + 1] / 1e6);
     if (fclose(file) != 0)

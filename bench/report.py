@@ -19,6 +19,8 @@ from bench.perf_profile import KERNEL, PerfProfile
 from bench.profile import SAMPLE_RATE_HZ, Profile
 from bench.report_cost import SAME_CORE_HOW, WRITER_SPARED_HOW, same_core_costs, same_core_paragraph, without_writer_costs
 from bench.runs import FixedRateSample, SaturationSample, Settings, median
+from bench import tail_episodes
+from bench.tail_episodes import TailRun, episode_shares
 from bench.same_core import SameCorePair
 from bench.stack import (
     AIOHTTP_FLOOR_LABEL,
@@ -88,6 +90,8 @@ class BenchResults:
     # fixed-rate rounds above (None, []: not measured, e.g. without CAP_SYS_NICE)
     priority: int | None = None
     priority_targets: list[Target] = field(default_factory=list)
+    # bench/tail_episodes.py: traced fixed-rate runs of the no-op balancer and nginx, interleaved
+    tail_runs: list[TailRun] = field(default_factory=list)
 
     def target(self, kind: str, hop: str, label: str = "") -> Target | None:
         """The target of `kind` and `hop` ('balancer' with a label for the feature-cost variants)."""
@@ -488,6 +492,7 @@ def render_report(results: BenchResults) -> str:
         _direct_bound_section(results),
         _perf_section(results),
         _tail_section(results),
+        _episodes_section(results),
         _cold_start_section(results),
         _instructions_section(results),
         _stalls_section(results),
@@ -910,6 +915,65 @@ def _tail_section(results: BenchResults) -> str:
         + _pinned_tail(results, (("direct", direct), ("balancer", full), (f"balancer, {FEATURE_BASELINE}", lean),
                                  ("nginx", nginx)))
     )
+
+
+def _episodes_section(results: BenchResults) -> str:
+    """What the slow answers of traced fixed-rate runs are made of, and what the serving thread did meanwhile."""
+    if not results.tail_runs:
+        return ""
+    first = results.tail_runs[0]
+    hops = list(dict.fromkeys(run.hop for run in results.tail_runs))
+    rows, during = [], {}
+    for hop in hops:
+        runs = [run for run in results.tail_runs if run.hop == hop]
+        slow, answers = sum(run.slow for run in runs), sum(run.requests for run in runs)
+        in_episodes = sum(episode.requests for run in runs for episode in run.episodes)
+        lengths = [1000 * (episode.end_s - episode.start_s) for run in runs for episode in run.episodes]
+        during[hop] = episode_shares(runs)
+        rows.append(
+            f"| {hop} | {', '.join(_number(run.p99_ms, 1) for run in runs)} | {_share(slow / answers)} "
+            f"| {_share(in_episodes / slow) if slow else 'n/a'} | {sum(len(run.episodes) for run in runs)} "
+            f"| {_number(median(lengths), 0) if lengths else 'n/a'} "
+            f"| {_share(median([run.running for run in runs]))} | {_share(median([run.waiting for run in runs]))} "
+            f"| {_share(during[hop][0])} | {_share(during[hop][1])} |\n")
+    return (
+        "\n## What the slow answers are made of\n\n"
+        f"`python -m bench.tail_episodes --rate {first.rate:.0f} --rounds {len(results.tail_runs) // len(hops)} "
+        f"--seconds {results.settings.fixed_rate_s:g} --slow-ms {first.slow_ms:g}`, run here on the same processes "
+        "after the runs above: each round a fixed-rate run against each hop in turn, cores shared, with "
+        "`bench.openloop --trace` keeping every answer's dispatch time and latency. Meanwhile the hop's serving "
+        "thread (the balancer's event loop, nginx's worker) is sampled every "
+        f"{1000 * tail_episodes.SAMPLE_S:g} ms from `/proc/<pid>/task/<tid>/schedstat`: the time it ran and the time "
+        f"it was runnable but had no CPU. An *episode* is a stretch of answers over {first.slow_ms:g} ms (the p99 "
+        f"goal) dispatched less than {1000 * tail_episodes.EPISODE_GAP_S:g} ms apart, at least "
+        f"{tail_episodes.EPISODE_MIN_REQUESTS} of them: the hop falling behind, not one unlucky request. Its shares "
+        f"run from {1000 * tail_episodes.EPISODE_LEAD_S:g} ms before its first slow answer (a backlog builds before "
+        "answers turn slow) to its last, weighted by length over all episodes.\n\n"
+        "| hop | each run's p99 ms | answers over the goal | of them in episodes | episodes | median episode ms "
+        "| ran, whole runs | waited for a CPU, whole runs | ran, in episodes | waited, in episodes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "".join(rows) + _episodes_reading(results, hops, during)
+    )
+
+
+def _episodes_reading(results: BenchResults, hops: list[str], during: dict[str, tuple[float, float]]) -> str:
+    """What the episode table says, from its own figures."""
+    hop = hops[0]
+    running, waiting = during[hop]
+    if math.isnan(running):
+        return f"\nThe {hop} had no episodes in these runs.\n"
+    runs = [run for run in results.tail_runs if run.hop == hop]
+    whole_running = median([run.running for run in runs])
+    whole_waiting = median([run.waiting for run in runs])
+    text = (f"\nIn its episodes the {hop}'s serving thread ran {_share(running)} of the time and waited for a CPU "
+            f"{_share(waiting)}, against {_share(whole_running)} and {_share(whole_waiting)} over whole runs")
+    if running + waiting >= 0.9:
+        text += (f": running or runnable {_share(running + waiting)} of the time, so it always had work and was "
+                 "blocked on nothing but a CPU. Those slow answers come from CPU contention: requests waited in the "
+                 "hop while it waited for a core that the load generator and the backends were using.")
+    else:
+        text += (f": running or runnable only {_share(running + waiting)} of the time, so something other than "
+                 "CPU contention held it too.")
+    return text + "\n"
 
 
 def _pinned_tail(results: BenchResults, paths: tuple[tuple[str, Target | None], ...]) -> str:

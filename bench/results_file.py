@@ -27,6 +27,7 @@ from bench.report import BenchResults
 from bench.runs import FixedRateSample, SaturationSample, Settings
 from bench.same_core import CoreShare, SameCorePair
 from bench.stack import Target
+from bench.tail_episodes import Episode, TailRun
 
 FORMAT = 1  # bumped when a field changes meaning; an older file is refused rather than misread
 
@@ -71,6 +72,8 @@ def load(path: Path) -> BenchResults:
         fields["cold_start"] = [[_fixed_rate(sample) for sample in samples] for samples in fields.get("cold_start", [])]
         fields["same_core"] = {label: [_same_core_pair(pair) for pair in pairs]
                                for label, pairs in fields.get("same_core", {}).items()}
+        fields["tail_runs"] = [TailRun(**{**run, "episodes": [Episode(**episode) for episode in run["episodes"]]})
+                               for run in fields.get("tail_runs", [])]
         return BenchResults(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise BenchError(f"{path} is not a complete bench results file: {type(exc).__name__}: {exc}") from exc

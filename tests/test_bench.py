@@ -23,7 +23,7 @@ import pytest
 
 from balancer import native
 from balancer.config import parse_experiment
-from bench import openloop, results_file, tools
+from bench import openloop, results_file, tail_episodes, tools
 from bench.__main__ import main as bench_main
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
@@ -595,6 +595,23 @@ def test_openloop_holds_the_rate_against_the_noop_backend(tmp_path: Path, body_f
     # the 2-core nested VM this was written on (a timed sleep costs ~30 µs there, the loopback send ~25);
     # the asyncio client before it used ~300 µs at this rate.
     assert summary["client_cpu_s"] / summary["completed"] < 150e-6
+
+
+@pytest.mark.usefixtures("openloop_client")
+def test_openloop_writes_the_header_and_one_line_per_answer(tmp_path: Path, body_file: Path) -> None:
+    port = free_port()
+    trace = tmp_path / "trace.txt"
+    before = time.time()
+    with running(["tests/noop_backend.py", "--port", str(port)], f"http://127.0.0.1:{port}/healthz",
+                 log=tmp_path / "backend.log"):
+        subprocess.run([sys.executable, "-m", "bench.openloop", "--url", f"http://127.0.0.1:{port}/predict", "--rate", "200",
+                        "--seconds", "0.5", "--warmup", "0.1", "--body-file", str(body_file), "--trace", str(trace)],
+                       cwd=REPO, check=True, capture_output=True, timeout=30)
+    first, offsets, latencies = tail_episodes.read_trace(trace)
+    assert before < first < time.time()
+    assert len(offsets) == len(latencies) == 100
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    assert all(latency > 0 for latency in latencies)
 
 
 @pytest.mark.usefixtures("openloop_client")

@@ -1,0 +1,255 @@
+"""What a fixed-rate run's slow requests are made of, and what the hop's serving thread was doing meanwhile.
+
+    python -m bench.tail_episodes [--rate 11500] [--rounds 4] [--seconds 6] [--slow-ms 5]
+
+A p99 over the goal can come from requests slow all along, or from a few stretches in which the
+hop fell behind and every request arriving then waited. This starts two no-op backends and, in
+front of them, a balancer and nginx (one worker each, as `make bench`'s fixed-rate runs), then runs
+`bench.openloop --trace` against each in turn, every round. During each run it samples
+`/proc/<pid>/task/<tid>/schedstat` of the hop's serving thread (the balancer's event loop, nginx's
+worker) every SAMPLE_S: the time it ran and the time it was runnable but waiting for a CPU.
+
+An *episode* is a stretch of slow requests (over `--slow-ms`) whose dispatches are less than
+EPISODE_GAP_S apart, with at least EPISODE_MIN_REQUESTS of them: the hop falling behind, not one
+unlucky request. For each, the serving thread's share of the wall time on a CPU and waiting for
+one, from EPISODE_LEAD_S before its first slow request to its last (the backlog builds before the
+first request turns slow). Running + waiting near 100 % means the thread always had work and
+was never blocked on anything but a CPU: the episode is CPU contention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bench.errors import BenchError
+from bench.procstat import process_tree
+from bench.runs import FULL, Settings, openloop_command
+from bench.stack import BalancerOptions, Stack, Target, scratch_folder
+from bench.tools import ensure_tools
+from tests.processes import REPO, artifacts_dir
+
+logger = logging.getLogger("bench.tail_episodes")
+
+SAMPLE_S = 0.002
+EPISODE_GAP_S = 0.02
+EPISODE_MIN_REQUESTS = 50
+EPISODE_LEAD_S = 0.02
+TRACE_HEADER = "# first dispatch at "
+SLOW_MS = 5.0  # the goal for the hop's added p99
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A stretch of slow requests, and the serving thread's shares of its wall time."""
+
+    start_s: float  # first slow request's dispatch, seconds since the run's first dispatch
+    end_s: float  # last one's
+    requests: int  # slow requests in it
+    running: float = math.nan  # share of the wall time the serving thread ran
+    waiting: float = math.nan  # share it was runnable but waiting for a CPU
+
+
+@dataclass(frozen=True)
+class TailRun:
+    """One traced fixed-rate run against one hop."""
+
+    hop: str  # the target's name
+    rate: float
+    requests: int  # answers measured
+    p99_ms: float
+    slow: int  # answers over slow_ms
+    slow_ms: float
+    running: float  # the serving thread's shares over the whole run
+    waiting: float
+    episodes: list[Episode] = field(default_factory=list)
+
+    @property
+    def slow_in_episodes(self) -> float:
+        """Fraction of the slow answers that came in episodes (NaN with none slow)."""
+        return sum(episode.requests for episode in self.episodes) / self.slow if self.slow else math.nan
+
+
+def read_trace(path: Path) -> tuple[float, list[float], list[float]]:
+    """A `bench.openloop --trace` file: (first dispatch's unix time, dispatch offsets in s, latencies in ms)."""
+    first = math.nan
+    offsets: list[float] = []
+    latencies: list[float] = []
+    with open(path) as lines:
+        for line in lines:
+            if line.startswith(TRACE_HEADER):
+                first = float(line[len(TRACE_HEADER):])
+            elif line.strip():
+                offset, latency = line.split()
+                offsets.append(float(offset))
+                latencies.append(float(latency))
+    return first, offsets, latencies
+
+
+def find_episodes(offsets: Sequence[float], latencies: Sequence[float], slow_ms: float, *,
+                  gap_s: float = EPISODE_GAP_S, min_requests: int = EPISODE_MIN_REQUESTS) -> list[Episode]:
+    """Runs of answers over `slow_ms` whose dispatches (in order) are under `gap_s` apart, `min_requests` or more."""
+    episodes = []
+    start = end = math.nan
+    count = 0
+    for offset, latency in zip(offsets, latencies):
+        if latency <= slow_ms:
+            continue
+        if count and offset - end < gap_s:
+            end = offset
+            count += 1
+            continue
+        if count >= min_requests:
+            episodes.append(Episode(start, end, count))
+        start = end = offset
+        count = 1
+    if count >= min_requests:
+        episodes.append(Episode(start, end, count))
+    return episodes
+
+
+def shares(samples: Sequence[tuple[float, int, int]], start: float, end: float) -> tuple[float, float]:
+    """(running, waiting) shares of the wall time between the samples that bracket [start, end].
+
+    A sample is (unix time, nanoseconds run so far, nanoseconds waited so far), in time order. NaN
+    when fewer than two samples fall in the window.
+    """
+    inside = [sample for sample in samples if start <= sample[0] <= end]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return math.nan, math.nan
+    first, last = inside[0], inside[-1]
+    wall = last[0] - first[0]
+    return (last[1] - first[1]) / 1e9 / wall, (last[2] - first[2]) / 1e9 / wall
+
+
+class ThreadSampler:
+    """Samples one thread's schedstat every SAMPLE_S in a background thread while it is used as a context."""
+
+    def __init__(self, pid: int, tid: int) -> None:
+        self.path = Path(f"/proc/{pid}/task/{tid}/schedstat")
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="schedstat-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ran, waited, _ = self.path.read_text().split()
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                return
+            self.samples.append((time.time(), int(ran), int(waited)))
+            self._stop.wait(SAMPLE_S)
+
+    def __enter__(self) -> ThreadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def serving_pid(target: Target) -> int:
+    """The process whose main thread serves requests: the balancer itself, nginx's (only) worker."""
+    if target.proxy_pid is None:
+        raise BenchError(f"{target.name} has no process to sample")
+    tree = process_tree(target.proxy_pid)
+    return tree[1] if target.hop == "nginx" and len(tree) > 1 else tree[0]
+
+
+def measure_run(target: Target, rate: float, settings: Settings, body_file: Path, slow_ms: float,
+                trace: Path) -> TailRun:
+    """One traced fixed-rate run against `target`, its serving thread sampled throughout."""
+    pid = serving_pid(target)
+    command = openloop_command(target, rate, settings, body_file) + ["--trace", str(trace)]
+    limit = settings.warmup_s + settings.fixed_rate_s + 30
+    with ThreadSampler(pid, pid) as sampler:
+        try:
+            completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
+    if completed.returncode != 0:
+        raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
+    first, offsets, latencies = read_trace(trace)
+    if not offsets:
+        raise BenchError(f"{target.name}: no answers in the run's trace")
+    episodes = []
+    for episode in find_episodes(offsets, latencies, slow_ms):
+        running, waiting = shares(sampler.samples, first + episode.start_s - EPISODE_LEAD_S, first + episode.end_s)
+        episodes.append(replace(episode, running=running, waiting=waiting))
+    running, waiting = shares(sampler.samples, first, first + offsets[-1])
+    p99 = json.loads(completed.stdout.strip().splitlines()[-1])["latency_ms"]["p99"]
+    return TailRun(hop=target.name, rate=rate, requests=len(latencies), p99_ms=math.nan if p99 is None else p99,
+                   slow=sum(latency > slow_ms for latency in latencies), slow_ms=slow_ms, running=running,
+                   waiting=waiting, episodes=episodes)
+
+
+def measure(targets: Sequence[Target], rate: float, rounds: int, settings: Settings, body_file: Path,
+            slow_ms: float, folder: Path) -> list[TailRun]:
+    """`rounds` traced runs against each target, interleaved."""
+    runs = []
+    for round_index in range(rounds):
+        for target in targets:
+            run = measure_run(target, rate, settings, body_file, slow_ms, folder / "trace.txt")
+            logger.info("round %d/%d %s: %s", round_index + 1, rounds, target.name, describe(run))
+            runs.append(run)
+    return runs
+
+
+def episode_shares(runs: Sequence[TailRun]) -> tuple[float, float]:
+    """The serving thread's (running, waiting) shares over all the runs' episodes, each weighted by its length
+    (EPISODE_LEAD_S included, as measured); NaN when there were none or none was sampled."""
+    weighted = [(episode.end_s - episode.start_s + EPISODE_LEAD_S, episode.running, episode.waiting)
+                for run in runs for episode in run.episodes if not math.isnan(episode.running)]
+    total = sum(length for length, _, _ in weighted)
+    if not total:
+        return math.nan, math.nan
+    return (sum(length * running for length, running, _ in weighted) / total,
+            sum(length * waiting for length, _, waiting in weighted) / total)
+
+
+def describe(run: TailRun) -> str:
+    """One line about a run."""
+    episodes = "; ".join(f"{1000 * (episode.end_s - episode.start_s):.0f} ms, {episode.requests} slow, ran "
+                         f"{episode.running:.0%} waited {episode.waiting:.0%}" for episode in run.episodes)
+    return (f"p99 {run.p99_ms:.2f} ms, {run.slow} over {run.slow_ms:g} ms, ran {run.running:.0%} waited "
+            f"{run.waiting:.0%}; episodes: {episodes or 'none'}")
+
+
+def start_hops(stack: Stack) -> list[Target]:
+    """Two no-op backends and, in front of them, the balancer as it ships and nginx (one worker each)."""
+    upstreams, backend_pids = stack.backends("noop")
+    targets = [stack.balancer("noop", BalancerOptions("default"), upstreams, backend_pids),
+               stack.nginx_proxy("noop", upstreams, backend_pids)]
+    stack.ready()
+    return targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=11500.0, help="requests/s of every run")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured length of each run")
+    parser.add_argument("--slow-ms", type=float, default=SLOW_MS, help="an answer slower than this is slow (the p99 goal)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    tools = ensure_tools()
+    with scratch_folder("bench-tail-") as folder, Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
+        targets = start_hops(stack)
+        settings = replace(FULL, fixed_rate_s=args.seconds)
+        for target in targets:  # connection pools and caches filled; not measured
+            measure_run(target, args.rate, replace(settings, fixed_rate_s=1.0), stack.body_file, args.slow_ms,
+                        folder / "trace.txt")
+        measure(targets, args.rate, args.rounds, settings, stack.body_file, args.slow_ms, folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""bench/tail_episodes.py: grouping slow answers into episodes, the serving thread's shares, the report section."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import tail_episodes
+from bench.report import render_report
+from bench.tail_episodes import (
+    EPISODE_LEAD_S,
+    Episode,
+    TailRun,
+    ThreadSampler,
+    episode_shares,
+    find_episodes,
+    read_trace,
+    shares,
+)
+from tests.test_bench import _results, saved_and_loaded
+
+
+def test_episodes_group_slow_answers_dispatched_close_together_and_drop_short_ones() -> None:
+    offsets = [index * 0.001 for index in range(1000)]  # one answer a millisecond
+    latencies = [0.2] * 1000
+    for index in range(100, 160):  # 60 slow in a row: an episode
+        latencies[index] = 9.0
+    for index in range(300, 340, 2):  # 20 slow, every other one: too few
+        latencies[index] = 6.0
+    for index in (500, 515, 530, 545, 560, 575, 590) + tuple(range(600, 650)):  # 15 ms apart, then a run: one episode
+        latencies[index] = 7.0
+    latencies[900] = 50.0  # one very slow answer alone
+    episodes = find_episodes(offsets, latencies, 5.0, gap_s=0.02, min_requests=50)
+    assert [(round(episode.start_s, 3), round(episode.end_s, 3), episode.requests) for episode in episodes] == [
+        (0.1, 0.159, 60), (0.5, 0.649, 57)]
+    # with a 10 ms gap the second one's 15 ms steps no longer join it
+    assert [episode.requests for episode in find_episodes(offsets, latencies, 5.0, gap_s=0.01, min_requests=50)] == [
+        60, 50]
+    assert find_episodes(offsets, latencies, 100.0) == []
+    assert find_episodes([], [], 5.0) == []
+
+
+def test_an_episode_at_the_end_of_the_run_counts() -> None:
+    offsets = [index * 0.001 for index in range(100)]
+    episodes = find_episodes(offsets, [0.1] * 40 + [8.0] * 60, 5.0, min_requests=50)
+    assert [(episode.requests, round(episode.end_s, 3)) for episode in episodes] == [(60, 0.099)]
+
+
+def test_shares_come_from_the_samples_bracketing_the_window() -> None:
+    # ran 6 ms and waited 3 ms of every 10 ms
+    samples = [(100.0 + index * 0.01, index * 6_000_000, index * 3_000_000) for index in range(11)]
+    running, waiting = shares(samples, 100.0, 100.1)
+    assert (running, waiting) == (pytest.approx(0.6), pytest.approx(0.3))
+    assert shares(samples, 100.025, 100.075) == (pytest.approx(0.6), pytest.approx(0.3))  # 100.03 to 100.07
+    assert all(math.isnan(share) for share in shares(samples, 100.031, 100.039))  # no sample inside
+    assert all(math.isnan(share) for share in shares(samples, 200.0, 201.0))
+
+
+def test_episode_shares_weigh_each_episode_by_its_length() -> None:
+    short = Episode(0.0, 0.02 - EPISODE_LEAD_S + 0.02, 50, running=0.2, waiting=0.7)  # 40 ms with the lead
+    long = Episode(1.0, 1.0 + 0.14, 500, running=0.6, waiting=0.35)  # 160 ms
+    unsampled = Episode(2.0, 2.5, 900)  # NaN shares: left out
+    runs = [TailRun(hop="noop balancer", rate=1.0, requests=10_000, p99_ms=9.0, slow=1_500, slow_ms=5.0,
+                    running=0.5, waiting=0.2, episodes=[short, unsampled]),
+            TailRun(hop="noop balancer", rate=1.0, requests=10_000, p99_ms=9.0, slow=600, slow_ms=5.0,
+                    running=0.5, waiting=0.2, episodes=[long])]
+    running, waiting = episode_shares(runs)
+    assert running == pytest.approx((0.04 * 0.2 + 0.16 * 0.6) / 0.2)
+    assert waiting == pytest.approx((0.04 * 0.7 + 0.16 * 0.35) / 0.2)
+    assert all(math.isnan(share) for share in episode_shares([]))
+    assert runs[0].slow_in_episodes == pytest.approx(950 / 1500)
+
+
+def test_the_sampler_reads_a_threads_run_and_wait_times() -> None:
+    with ThreadSampler(os.getpid(), os.getpid()) as sampler:
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:  # this thread runs meanwhile
+            pass
+    assert len(sampler.samples) >= 3
+    times, ran, waited = zip(*sampler.samples)
+    assert list(times) == sorted(times) and list(ran) == sorted(ran) and list(waited) == sorted(waited)
+    assert ran[-1] > ran[0]
+
+
+def test_the_trace_says_when_its_first_answer_was_dispatched(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.txt"
+    trace.write_text("# first dispatch at 1765000000.250000\n0.000000 0.412\n0.000500 6.100\n")
+    assert read_trace(trace) == (1765000000.25, [0.0, 0.0005], [0.412, 6.1])
+
+
+def test_the_report_reads_the_episodes_and_says_when_they_are_cpu_contention(tmp_path: Path) -> None:
+    results = _results()
+    results.tail_runs = [
+        TailRun(hop="noop balancer", rate=11500.0, requests=46_000, p99_ms=8.1, slow=900, slow_ms=5.0, running=0.58,
+                waiting=0.16, episodes=[Episode(1.0, 1.04, 500, running=0.62, waiting=0.35),
+                                        Episode(3.0, 3.02, 300, running=0.55, waiting=0.40)]),
+        TailRun(hop="noop nginx", rate=11500.0, requests=46_000, p99_ms=1.2, slow=10, slow_ms=5.0, running=0.48,
+                waiting=0.14),
+    ]
+    for loaded in (results, saved_and_loaded(results, tmp_path)):
+        report = render_report(loaded)
+        assert "## What the slow answers are made of" in report
+        assert "`python -m bench.tail_episodes --rate 11500 --rounds 1 " in report
+        assert "| noop balancer | 8.1 | 2.0 % | 88.9 % | 2 | 30 | 58.0 % | 16.0 % | 59.2 % | 37.0 % |" in report
+        assert "| noop nginx | 1.2 | 0.0 % | 0.0 % | 0 | n/a | 48.0 % | 14.0 % | n/a | n/a |" in report
+        assert "running or runnable 96.2 % of the time, so it always had work" in report
+    results.tail_runs[0] = TailRun(**{**results.tail_runs[0].__dict__, "episodes": [
+        Episode(1.0, 1.04, 500, running=0.3, waiting=0.2)]})
+    assert "running or runnable only 50.0 % of the time, so something other than" in render_report(results)
+    results.tail_runs = []
+    assert "What the slow answers are made of" not in render_report(results)
+
+
+def test_the_serving_thread_of_nginx_is_its_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.stack import Target
+    monkeypatch.setattr(tail_episodes, "process_tree", lambda pid: [pid, pid + 1])
+    nginx = Target(name="noop nginx", kind="noop", hop="nginx", url="u", proxy_pid=10)
+    balancer = Target(name="noop balancer", kind="noop", hop="balancer", url="u", proxy_pid=20)
+    assert (tail_episodes.serving_pid(nginx), tail_episodes.serving_pid(balancer)) == (11, 20)
