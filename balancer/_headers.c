@@ -133,15 +133,181 @@ done:
     return result;
 }
 
+/* parse_response(data) -> (status, headers, body) or None
+
+   One upstream response, complete in `data` and nothing after it, in the plain form the model servers
+   answer with: "HTTP/1.1 SSS reason", header lines of a token name, a colon and a value of visible
+   characters, spaces and tabs (leading ones skipped, as llhttp does), exactly one Content-Length and no
+   Transfer-Encoding or Connection header, then exactly Content-Length bytes of body. headers is a list of
+   (name, value) pairs of bytes, as httptools reports them; the connection stays open (HTTP/1.1, no
+   Connection header). Anything else, including a status below 200, 204, 304, a trailing space in a value,
+   an empty value, more than MAX_FAST_HEADERS headers or a response split over reads, gives None: the
+   caller then feeds the same bytes to httptools, which handles every form. So where this answers, it must
+   answer as httptools would; tests/test_hop_headers.py checks that on thousands of random responses.
+
+   httptools calls back into Python for every header, the body and the message's end, and each callback
+   costs a method lookup and a call; this builds the same objects in one call. */
+
+#define MAX_FAST_HEADERS 32
+#define MAX_LENGTH_DIGITS 15
+
+static int is_token(unsigned char byte) {
+    static const char extra[] = "!#$%&'*+-.^_`|~";
+    return (byte >= 'a' && byte <= 'z') || (byte >= 'A' && byte <= 'Z') || (byte >= '0' && byte <= '9')
+           || (byte != 0 && memchr(extra, byte, sizeof(extra) - 1) != NULL);
+}
+
+static int is_text(unsigned char byte) {  /* visible ASCII, space or tab: no obs-text, no control */
+    return byte == '\t' || (byte >= ' ' && byte <= '~');
+}
+
+/* Whether `length` bytes at `name` are `lower_name` (lower case) in any ASCII case. */
+static int named(const unsigned char *name, Py_ssize_t length, const char *lower_name) {
+    if ((size_t)length != strlen(lower_name)) {
+        return 0;
+    }
+    for (Py_ssize_t at = 0; at < length; at++) {
+        if (lower(name[at]) != lower_name[at]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+struct span {
+    Py_ssize_t start, length;
+};
+
+static PyObject *parse_response(PyObject *module, PyObject *data) {
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "parse_response(data: bytes)");
+        return NULL;
+    }
+    const unsigned char *text = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    /* "HTTP/1.1 " + three digits + " " */
+    if (size < 13 || memcmp(text, "HTTP/1.1 ", 9) != 0 || text[12] != ' ') {
+        Py_RETURN_NONE;
+    }
+    int status = 0;
+    for (int at = 9; at < 12; at++) {
+        if (text[at] < '0' || text[at] > '9') {
+            Py_RETURN_NONE;
+        }
+        status = status * 10 + (text[at] - '0');
+    }
+    if (status < 200 || status > 599 || status == 204 || status == 304) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t at = 13;
+    while (at < size && text[at] != '\r') {
+        if (!is_text(text[at])) {
+            Py_RETURN_NONE;
+        }
+        at++;
+    }
+    if (at + 1 >= size || text[at + 1] != '\n') {
+        Py_RETURN_NONE;
+    }
+    at += 2;
+    struct span names[MAX_FAST_HEADERS], values[MAX_FAST_HEADERS];
+    int count = 0;
+    long long content_length = -1;
+    for (;;) {
+        if (at + 1 < size && text[at] == '\r' && text[at + 1] == '\n') {
+            at += 2;
+            break;
+        }
+        if (count == MAX_FAST_HEADERS) {
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t name_start = at;
+        while (at < size && is_token(text[at])) {
+            at++;
+        }
+        if (at == name_start || at >= size || text[at] != ':') {
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t name_length = at - name_start;
+        at++;
+        while (at < size && (text[at] == ' ' || text[at] == '\t')) {
+            at++;
+        }
+        Py_ssize_t value_start = at;
+        while (at < size && text[at] != '\r') {
+            if (!is_text(text[at])) {
+                Py_RETURN_NONE;
+            }
+            at++;
+        }
+        Py_ssize_t value_length = at - value_start;
+        if (at + 1 >= size || text[at + 1] != '\n' || value_length == 0 || text[at - 1] == ' '
+                || text[at - 1] == '\t') {
+            Py_RETURN_NONE;
+        }
+        at += 2;
+        const unsigned char *name = text + name_start;
+        if (named(name, name_length, "content-length")) {
+            if (content_length >= 0 || value_length > MAX_LENGTH_DIGITS) {
+                Py_RETURN_NONE;
+            }
+            content_length = 0;
+            for (Py_ssize_t digit = value_start; digit < value_start + value_length; digit++) {
+                if (text[digit] < '0' || text[digit] > '9') {
+                    Py_RETURN_NONE;
+                }
+                content_length = content_length * 10 + (text[digit] - '0');
+            }
+        } else if (named(name, name_length, "transfer-encoding") || named(name, name_length, "connection")) {
+            Py_RETURN_NONE;
+        }
+        names[count] = (struct span){name_start, name_length};
+        values[count] = (struct span){value_start, value_length};
+        count++;
+    }
+    if (content_length < 0 || size - at != content_length) {
+        Py_RETURN_NONE;
+    }
+    PyObject *headers = PyList_New(count), *body = NULL, *result = NULL;
+    if (headers == NULL) {
+        return NULL;
+    }
+    for (int index = 0; index < count; index++) {
+        PyObject *name = PyBytes_FromStringAndSize((const char *)text + names[index].start, names[index].length);
+        PyObject *value = name == NULL ? NULL
+            : PyBytes_FromStringAndSize((const char *)text + values[index].start, values[index].length);
+        PyObject *pair = value == NULL ? NULL : PyTuple_New(2);
+        if (pair == NULL) {
+            Py_XDECREF(name);
+            Py_XDECREF(value);
+            goto done;
+        }
+        PyTuple_SET_ITEM(pair, 0, name);
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyList_SET_ITEM(headers, index, pair);
+    }
+    body = PyBytes_FromStringAndSize((const char *)text + at, size - at);
+    if (body != NULL) {
+        result = Py_BuildValue("(iOO)", status, headers, body);
+    }
+done:
+    Py_DECREF(headers);
+    Py_XDECREF(body);
+    return result;
+}
+
 static PyMethodDef headers_methods[] = {
     {"strip", (PyCFunction)(void (*)(void))strip, METH_FASTCALL,
      "strip(headers, dropped) -> (lines, held): see balancer/_headers.c."},
+    {"parse_response", (PyCFunction)parse_response, METH_O,
+     "parse_response(data) -> (status, headers, body) or None: see balancer/_headers.c."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef headers_module = {
     PyModuleDef_HEAD_INIT, "balancer._headers",
-    "The header lines that cross the hop, joined in one pass (see balancer/_headers.c).", -1, headers_methods,
+    "Header lines in C: those that cross the hop, and plain upstream responses (see balancer/_headers.c).", -1,
+    headers_methods,
 };
 
 PyMODINIT_FUNC PyInit__headers(void) {

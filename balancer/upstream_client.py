@@ -10,11 +10,14 @@ near 100 µs. The shared ClientSession is still used for everything off the hot 
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
+
+from balancer import native
 
 from balancer.upstream_errors import (
     UpstreamClosedError,
@@ -41,6 +44,20 @@ class UpstreamResponse:
 ResponseCallback = Callable[[UpstreamResponse | None, UpstreamError | None], None]
 """Called exactly once per request, from the connection's own callbacks: (response, None) or (None, error)."""
 
+ParseResponse = Callable[[bytes], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
+
+
+def _parse_response_implementation() -> ParseResponse | None:
+    """`balancer._headers.parse_response` where this process runs the compiled modules (balancer/native.py):
+    a whole plain response in one call instead of httptools' callbacks. None elsewhere: httptools parses all."""
+    if native.MODE == "compiled":
+        parse: ParseResponse = importlib.import_module(f"{native.PACKAGE}._headers").parse_response
+        return parse
+    return None
+
+
+parse_response = _parse_response_implementation()
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; carries one request at a time."""
@@ -48,6 +65,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "transport", "parser", "on_done", "headers", "body", "closed", "keep_alive",
         "received_any", "address", "deadline", "idle_since", "timeout", "response_headers", "head", "pool",
+        "at_start",
     )
 
     def __init__(self, pool: ConnectionPool) -> None:
@@ -66,13 +84,31 @@ class UpstreamConnection(asyncio.Protocol):
         self.timeout = 0.0
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.head = False
+        # No byte of the pending request's response has reached httptools yet: a read holding all of it may
+        # be parsed in one call (`parse_response`).
+        self.at_start = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.on_done is None:
+            # Bytes nobody asked for (an idle connection, or one whose request already failed): they would be
+            # read as the start of the next request's response, so the connection is not used again.
+            self.close()
+            return
         self.received_any = True
+        if self.at_start:
+            self.at_start = False
+            if parse_response is not None and not self.head:
+                parsed = parse_response(data)
+                if parsed is not None:
+                    status, headers, body = parsed
+                    self.keep_alive = True  # HTTP/1.1 without a Connection header
+                    self.pool.release(self)
+                    self._complete(UpstreamResponse(status, headers, body), None)
+                    return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -90,6 +126,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete(None, error)
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.on_done is None:  # a response after the one asked for, in the same read: the upstream is out of step
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -135,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.body = []
         self.received_any = False
+        self.at_start = True
         self.deadline = deadline
         self.timeout = timeout
         assert self.transport is not None

@@ -91,6 +91,22 @@ async def test_a_release_closes_the_connections_idle_too_long(server) -> None:  
     pool.close()
 
 
+@pytest.mark.parametrize("stray", [b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"])
+@pytest.mark.parametrize("later", [False, True], ids=["same read", "later read"])
+async def test_bytes_after_the_response_retire_the_connection(server, stray: bytes, later: bool) -> None:  # type: ignore[no-untyped-def]
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    port, connections = await server(lambda head: answer if later else answer + stray)
+    pool = ConnectionPool("127.0.0.1", port)
+    first = await pool.request(request(pool), 1.0)
+    if later:  # the stray bytes reach the connection while it sits idle in the pool
+        connection = pool._idle[-1]
+        assert connection.transport is not None
+        connection.data_received(stray)
+    second = await pool.request(request(pool), 1.0)  # read as its own answer, on a new connection
+    assert first.body == second.body == b"ok" and connections[0] == 2
+    pool.close()
+
+
 async def test_chunked_response_is_reassembled(server) -> None:  # type: ignore[no-untyped-def]
     port, _ = await server(lambda head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
     pool = ConnectionPool("127.0.0.1", port)
