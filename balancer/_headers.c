@@ -133,41 +133,61 @@ done:
     return result;
 }
 
-/* parse_response(data) -> (status, headers, body) or None
+/* Whole messages in one call, where httptools would call back into Python for the URL, every header, the body
+   and the message's end (each callback a method lookup and a call):
 
-   One upstream response, complete in `data` and nothing after it, in the plain form the model servers
-   answer with: "HTTP/1.1 SSS reason", header lines of a token name, a colon and a value of visible
-   characters, spaces and tabs (leading ones skipped, as llhttp does), exactly one Content-Length and no
-   Transfer-Encoding or Connection header, then exactly Content-Length bytes of body. headers is a list of
-   (name, value) pairs of bytes, as httptools reports them; the connection stays open (HTTP/1.1, no
-   Connection header). Anything else, including a status below 200, 204, 304, a trailing space in a value,
-   an empty value, more than MAX_FAST_HEADERS headers or a response split over reads, gives None: the
-   caller then feeds the same bytes to httptools, which handles every form. So where this answers, it must
-   answer as httptools would; tests/test_hop_headers.py checks that on thousands of random responses.
+   parse_request(data, max_head) -> (method, target, headers, body) or None
+   parse_response(data) -> (status, headers, body) or None
 
-   httptools calls back into Python for every header, the body and the message's end, and each callback
-   costs a method lookup and a call; this builds the same objects in one call. */
+   Each answers only for one message complete in `data` with nothing after it, in the plain form clients and
+   model servers send: HTTP/1.1; header lines of a token name, a colon and a non-empty value of visible ASCII,
+   spaces and tabs (leading ones skipped, as llhttp does; none trailing); at most one Content-Length, of digits,
+   and exactly that many bytes of body after the headers (none without it); and none of the headers that
+   change how the message is framed or whether the connection stays open (Transfer-Encoding, Connection,
+   Proxy-Connection; in a request also Expect and Upgrade). A request also needs one of the usual methods, a
+   target in origin form ("/..." of URI characters, no fragment) and at most `max_head` bytes before its body;
+   a response a status from 200 to 599 other than 204 and 304, and a Content-Length. headers is a list of
+   (name, value) pairs of bytes, as httptools reports them; the connection stays open.
+
+   Anything else gives None, and the caller feeds the same bytes to httptools, which handles every form (and
+   the limits and errors around them). So where these answer, they must answer as httptools does:
+   tests/test_parse_messages.py checks that on tens of thousands of random messages. */
 
 #define MAX_FAST_HEADERS 32
 #define MAX_LENGTH_DIGITS 15
 
-static int is_token(unsigned char byte) {
-    static const char extra[] = "!#$%&'*+-.^_`|~";
-    return (byte >= 'a' && byte <= 'z') || (byte >= 'A' && byte <= 'Z') || (byte >= '0' && byte <= '9')
-           || (byte != 0 && memchr(extra, byte, sizeof(extra) - 1) != NULL);
+/* Character classes, one table lookup per byte (filled when the module loads). The scans below need no bounds
+   check: a bytes object's text is followed by a NUL, which is in no class and ends every scan, and a CR or LF
+   they then look for is never that NUL (so the byte after a CR is at most that NUL, also in bounds). */
+enum { TOKEN = 1, TEXT = 2, TARGET = 4 };
+static unsigned char classes[256];
+
+static void fill_classes(void) {
+    for (int byte = 0; byte < 256; byte++) {
+        int alphanumeric = (byte >= 'a' && byte <= 'z') || (byte >= 'A' && byte <= 'Z') || (byte >= '0' && byte <= '9');
+        classes[byte] = (unsigned char)(
+            (alphanumeric || (byte && strchr("!#$%&'*+-.^_`|~", byte)) ? TOKEN : 0)
+            | (byte == '\t' || (byte >= ' ' && byte <= '~') ? TEXT : 0)  /* visible ASCII, space, tab */
+            | (alphanumeric || (byte && strchr("-._~:/?[]@!$&'()*+,;=%", byte)) ? TARGET : 0));  /* RFC 3986, no '#' */
+    }
 }
 
-static int is_text(unsigned char byte) {  /* visible ASCII, space or tab: no obs-text, no control */
-    return byte == '\t' || (byte >= ' ' && byte <= '~');
-}
+struct name {
+    const char *text;  /* header names in lower case (compared without case); methods as sent */
+    Py_ssize_t length;
+};
 
-/* Whether `length` bytes at `name` are `lower_name` (lower case) in any ASCII case. */
-static int named(const unsigned char *name, Py_ssize_t length, const char *lower_name) {
-    if ((size_t)length != strlen(lower_name)) {
+#define NAME(text) {text, sizeof(text) - 1}
+
+static const struct name CONTENT_LENGTH = NAME("content-length");
+
+/* Whether `length` bytes at `name` are `wanted` in any ASCII case. */
+static int named(const unsigned char *name, Py_ssize_t length, struct name wanted) {
+    if (length != wanted.length) {
         return 0;
     }
     for (Py_ssize_t at = 0; at < length; at++) {
-        if (lower(name[at]) != lower_name[at]) {
+        if (lower(name[at]) != wanted.text[at]) {
             return 0;
         }
     }
@@ -177,6 +197,128 @@ static int named(const unsigned char *name, Py_ssize_t length, const char *lower
 struct span {
     Py_ssize_t start, length;
 };
+
+struct head {
+    struct span names[MAX_FAST_HEADERS], values[MAX_FAST_HEADERS];
+    int count;
+    long long content_length;  /* -1: no Content-Length */
+};
+
+/* The header lines from *at through the empty line that ends them, in the plain form (see above); `refused` the
+   lower-case names that leave the message to httptools (NULL-terminated). 1 with *at after the empty line, or 0. */
+static int header_lines(const unsigned char *text, Py_ssize_t *at_io, const struct name *refused, struct head *head) {
+    Py_ssize_t at = *at_io;
+    head->count = 0;
+    head->content_length = -1;
+    for (;;) {
+        if (text[at] == '\r' && text[at + 1] == '\n') {
+            *at_io = at + 2;
+            return 1;
+        }
+        if (head->count == MAX_FAST_HEADERS) {
+            return 0;
+        }
+        Py_ssize_t name_start = at;
+        while (classes[text[at]] & TOKEN) {
+            at++;
+        }
+        if (at == name_start || text[at] != ':') {
+            return 0;
+        }
+        Py_ssize_t name_length = at - name_start;
+        at++;
+        while (text[at] == ' ' || text[at] == '\t') {
+            at++;
+        }
+        Py_ssize_t value_start = at;
+        while (classes[text[at]] & TEXT) {
+            at++;
+        }
+        Py_ssize_t value_length = at - value_start;
+        if (text[at] != '\r' || text[at + 1] != '\n' || value_length == 0 || text[at - 1] == ' '
+                || text[at - 1] == '\t') {
+            return 0;
+        }
+        at += 2;
+        const unsigned char *name = text + name_start;
+        if (named(name, name_length, CONTENT_LENGTH)) {
+            if (head->content_length >= 0 || value_length > MAX_LENGTH_DIGITS) {
+                return 0;
+            }
+            long long length = 0;
+            for (Py_ssize_t digit = value_start; digit < value_start + value_length; digit++) {
+                if (text[digit] < '0' || text[digit] > '9') {
+                    return 0;
+                }
+                length = length * 10 + (text[digit] - '0');
+            }
+            head->content_length = length;
+        }
+        for (const struct name *other = refused; other->text != NULL; other++) {
+            if (named(name, name_length, *other)) {
+                return 0;
+            }
+        }
+        head->names[head->count] = (struct span){name_start, name_length};
+        head->values[head->count] = (struct span){value_start, value_length};
+        head->count++;
+    }
+}
+
+/* The (name, value) list of `head`'s headers, as new bytes; NULL with an exception set. */
+static PyObject *header_list(const unsigned char *text, const struct head *head) {
+    PyObject *headers = PyList_New(head->count);
+    if (headers == NULL) {
+        return NULL;
+    }
+    for (int index = 0; index < head->count; index++) {
+        const struct span name_span = head->names[index], value_span = head->values[index];
+        PyObject *name = PyBytes_FromStringAndSize((const char *)text + name_span.start, name_span.length);
+        PyObject *value = name == NULL ? NULL
+            : PyBytes_FromStringAndSize((const char *)text + value_span.start, value_span.length);
+        PyObject *pair = value == NULL ? NULL : PyTuple_New(2);
+        if (pair == NULL) {
+            Py_XDECREF(name);
+            Py_XDECREF(value);
+            Py_DECREF(headers);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(pair, 0, name);
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyList_SET_ITEM(headers, index, pair);
+    }
+    return headers;
+}
+
+static const struct name RESPONSE_REFUSED[] = {
+    NAME("transfer-encoding"), NAME("connection"), NAME("proxy-connection"), {NULL, 0}};
+static const struct name REQUEST_REFUSED[] = {
+    NAME("transfer-encoding"), NAME("connection"), NAME("proxy-connection"), NAME("expect"), NAME("upgrade"), {NULL, 0}};
+static const struct name METHODS[] = {
+    NAME("GET"), NAME("POST"), NAME("PUT"), NAME("PATCH"), NAME("DELETE"), NAME("HEAD"), NAME("OPTIONS"), {NULL, 0}};
+
+/* A tuple of `count` new references (stolen, also on failure); NULL with an exception set. */
+static PyObject *tuple_of(int count, PyObject **items) {
+    PyObject *tuple = NULL;
+    for (int index = 0; index < count; index++) {
+        if (items[index] == NULL) {
+            goto failed;
+        }
+    }
+    tuple = PyTuple_New(count);
+    if (tuple == NULL) {
+        goto failed;
+    }
+    for (int index = 0; index < count; index++) {
+        PyTuple_SET_ITEM(tuple, index, items[index]);
+    }
+    return tuple;
+failed:
+    for (int index = 0; index < count; index++) {
+        Py_XDECREF(items[index]);
+    }
+    return NULL;
+}
 
 static PyObject *parse_response(PyObject *module, PyObject *data) {
     if (!PyBytes_Check(data)) {
@@ -200,100 +342,63 @@ static PyObject *parse_response(PyObject *module, PyObject *data) {
         Py_RETURN_NONE;
     }
     Py_ssize_t at = 13;
-    while (at < size && text[at] != '\r') {
-        if (!is_text(text[at])) {
-            Py_RETURN_NONE;
-        }
+    while (classes[text[at]] & TEXT) {
         at++;
     }
-    if (at + 1 >= size || text[at + 1] != '\n') {
+    if (text[at] != '\r' || text[at + 1] != '\n') {
         Py_RETURN_NONE;
     }
     at += 2;
-    struct span names[MAX_FAST_HEADERS], values[MAX_FAST_HEADERS];
-    int count = 0;
-    long long content_length = -1;
-    for (;;) {
-        if (at + 1 < size && text[at] == '\r' && text[at + 1] == '\n') {
-            at += 2;
-            break;
-        }
-        if (count == MAX_FAST_HEADERS) {
-            Py_RETURN_NONE;
-        }
-        Py_ssize_t name_start = at;
-        while (at < size && is_token(text[at])) {
-            at++;
-        }
-        if (at == name_start || at >= size || text[at] != ':') {
-            Py_RETURN_NONE;
-        }
-        Py_ssize_t name_length = at - name_start;
-        at++;
-        while (at < size && (text[at] == ' ' || text[at] == '\t')) {
-            at++;
-        }
-        Py_ssize_t value_start = at;
-        while (at < size && text[at] != '\r') {
-            if (!is_text(text[at])) {
-                Py_RETURN_NONE;
-            }
-            at++;
-        }
-        Py_ssize_t value_length = at - value_start;
-        if (at + 1 >= size || text[at + 1] != '\n' || value_length == 0 || text[at - 1] == ' '
-                || text[at - 1] == '\t') {
-            Py_RETURN_NONE;
-        }
-        at += 2;
-        const unsigned char *name = text + name_start;
-        if (named(name, name_length, "content-length")) {
-            if (content_length >= 0 || value_length > MAX_LENGTH_DIGITS) {
-                Py_RETURN_NONE;
-            }
-            content_length = 0;
-            for (Py_ssize_t digit = value_start; digit < value_start + value_length; digit++) {
-                if (text[digit] < '0' || text[digit] > '9') {
-                    Py_RETURN_NONE;
-                }
-                content_length = content_length * 10 + (text[digit] - '0');
-            }
-        } else if (named(name, name_length, "transfer-encoding") || named(name, name_length, "connection")) {
-            Py_RETURN_NONE;
-        }
-        names[count] = (struct span){name_start, name_length};
-        values[count] = (struct span){value_start, value_length};
-        count++;
-    }
-    if (content_length < 0 || size - at != content_length) {
+    struct head head;
+    if (!header_lines(text, &at, RESPONSE_REFUSED, &head) || head.content_length < 0
+            || size - at != head.content_length) {
         Py_RETURN_NONE;
     }
-    PyObject *headers = PyList_New(count), *body = NULL, *result = NULL;
-    if (headers == NULL) {
+    PyObject *items[] = {PyLong_FromLong(status), header_list(text, &head),
+                         PyBytes_FromStringAndSize((const char *)text + at, size - at)};
+    return tuple_of(3, items);
+}
+
+static PyObject *parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "parse_request(data: bytes, max_head: int)");
         return NULL;
     }
-    for (int index = 0; index < count; index++) {
-        PyObject *name = PyBytes_FromStringAndSize((const char *)text + names[index].start, names[index].length);
-        PyObject *value = name == NULL ? NULL
-            : PyBytes_FromStringAndSize((const char *)text + values[index].start, values[index].length);
-        PyObject *pair = value == NULL ? NULL : PyTuple_New(2);
-        if (pair == NULL) {
-            Py_XDECREF(name);
-            Py_XDECREF(value);
-            goto done;
-        }
-        PyTuple_SET_ITEM(pair, 0, name);
-        PyTuple_SET_ITEM(pair, 1, value);
-        PyList_SET_ITEM(headers, index, pair);
+    Py_ssize_t max_head = PyLong_AsSsize_t(args[1]);
+    if (max_head == -1 && PyErr_Occurred()) {
+        return NULL;
     }
-    body = PyBytes_FromStringAndSize((const char *)text + at, size - at);
-    if (body != NULL) {
-        result = Py_BuildValue("(iOO)", status, headers, body);
+    const unsigned char *text = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    const struct name *method = METHODS;
+    while (method->text != NULL
+           && !(size > method->length && memcmp(text, method->text, method->length) == 0 && text[method->length] == ' ')) {
+        method++;
     }
-done:
-    Py_DECREF(headers);
-    Py_XDECREF(body);
-    return result;
+    if (method->text == NULL) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t target_start = method->length + 1, at = target_start;
+    if (at >= size || text[at] != '/') {
+        Py_RETURN_NONE;
+    }
+    while (classes[text[at]] & TARGET) {
+        at++;
+    }
+    Py_ssize_t target_length = at - target_start;
+    if (size - at < 11 || memcmp(text + at, " HTTP/1.1\r\n", 11) != 0) {
+        Py_RETURN_NONE;
+    }
+    at += 11;
+    struct head head;
+    if (!header_lines(text, &at, REQUEST_REFUSED, &head) || at > max_head
+            || size - at != (head.content_length < 0 ? 0 : head.content_length)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *items[] = {PyBytes_FromStringAndSize(method->text, method->length),
+                         PyBytes_FromStringAndSize((const char *)text + target_start, target_length),
+                         header_list(text, &head), PyBytes_FromStringAndSize((const char *)text + at, size - at)};
+    return tuple_of(4, items);
 }
 
 static PyMethodDef headers_methods[] = {
@@ -301,15 +406,18 @@ static PyMethodDef headers_methods[] = {
      "strip(headers, dropped) -> (lines, held): see balancer/_headers.c."},
     {"parse_response", (PyCFunction)parse_response, METH_O,
      "parse_response(data) -> (status, headers, body) or None: see balancer/_headers.c."},
+    {"parse_request", (PyCFunction)(void (*)(void))parse_request, METH_FASTCALL,
+     "parse_request(data, max_head) -> (method, target, headers, body) or None: see balancer/_headers.c."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef headers_module = {
     PyModuleDef_HEAD_INIT, "balancer._headers",
-    "Header lines in C: those that cross the hop, and plain upstream responses (see balancer/_headers.c).", -1,
+    "Headers in C: the lines that cross the hop, and plain requests and responses (see balancer/_headers.c).", -1,
     headers_methods,
 };
 
 PyMODINIT_FUNC PyInit__headers(void) {
+    fill_classes();
     return PyModule_Create(&headers_module);
 }

@@ -25,6 +25,7 @@ admitted request.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import time
@@ -35,6 +36,8 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import httptools
+
+from balancer import native
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,21 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
+ParseRequest = Callable[[bytes, int], "tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes] | None"]
+
+
+def _parse_request_implementation() -> ParseRequest | None:
+    """`balancer._headers.parse_request` where this process runs the compiled modules (balancer/native.py): a
+    whole plain request in one call instead of httptools' callbacks. None elsewhere: httptools parses all."""
+    if native.MODE == "compiled":
+        parse: ParseRequest = importlib.import_module(f"{native.PACKAGE}._headers").parse_request
+        return parse
+    return None
+
+
+parse_request = _parse_request_implementation()
+
+
 class RequestHandler(Protocol):
     """What the server calls; see the module docstring for the order."""
 
@@ -179,6 +197,21 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
+        if parse_request is not None and not self.in_headers and self.current is None:
+            # Between requests: a read holding exactly one plain request is parsed in one call, as httptools
+            # would parse it (see balancer/_headers.c); anything else goes to httptools below.
+            parsed = parse_request(data, MAX_HEADER_BYTES)
+            if parsed is not None:
+                method, self.url, self.headers, body = parsed
+                self.body = [body] if body else []
+                self.body_size = len(body)
+                request = self._headers_complete(method, False)
+                if request is not None:  # not refused (413): its body is already complete
+                    if request.response is not None:
+                        self.body = []  # an answered request's body is dropped, not kept
+                    self._message_complete(True)  # HTTP/1.1 without a Connection header
+                self._pause_if_queued()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -198,6 +231,9 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
         if self.current is not None and self.body_timer is None and not self.discarding:
             self.body_timer = self.loop.call_later(self.server.body_timeout_s, self._body_timed_out)
+        self._pause_if_queued()
+
+    def _pause_if_queued(self) -> None:
         if len(self.queue) > MAX_PIPELINED and not self.reading_paused and self.transport is not None:
             self.transport.pause_reading()
             self.reading_paused = True
@@ -244,13 +280,18 @@ class ClientConnection(asyncio.Protocol):
         self.in_headers = False
         if self.discarding:  # more requests behind an early answer in the same packet: not parsed further
             return
-        parser = self.parser
+        self._headers_complete(self.parser.get_method(), True)
+
+    def _headers_complete(self, method: bytes, from_parser: bool) -> HttpRequest | None:
+        """The request line and headers are in (`from_parser`: parsed by httptools, which knows the version);
+        the request whose body is to come, or None when it was refused at once."""
         headers = self.headers
         # lower-case name -> first value (the reversed walk lets the first occurrence win)
         header_map = {name.lower(): value for name, value in reversed(headers)}
-        method = parser.get_method()
-        # A keep-alive HTTP/1.0 client always sends Connection (should_keep_alive() is False without it).
-        version = parser.get_http_version() if b"connection" in header_map or b"expect" in header_map else None
+        # A keep-alive HTTP/1.0 client always sends Connection (should_keep_alive() is False without it); the
+        # requests parse_request takes are HTTP/1.1 and have neither header.
+        version = (self.parser.get_http_version() if from_parser and (b"connection" in header_map or b"expect" in header_map)
+                   else None)
         request = HttpRequest(_METHODS.get(method) or method.decode("latin-1"), self.url.decode("latin-1"), headers,
                               header_map, self.remote, version)
         length_text = header_map.get(b"content-length")
@@ -259,7 +300,7 @@ class ClientConnection(asyncio.Protocol):
         if length is not None and length > max_body:
             self.handler.rejected("body_too_large")
             self._refuse(413, f"request body of {length} bytes exceeds max_body_bytes = {max_body}", request=request)
-            return
+            return None
         request.response = response = self.handler.admit(request)
         request.admitted = response is None
         self.current = request
@@ -267,6 +308,7 @@ class ClientConnection(asyncio.Protocol):
                 and (length or b"transfer-encoding" in header_map)
                 and header_map[b"expect"].lower() == b"100-continue" and self.transport is not None):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for this before sending the body
+        return request
 
     def on_body(self, body: bytes) -> None:
         current = self.current
@@ -281,15 +323,18 @@ class ClientConnection(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.current is not None:
+            self._message_complete(self.parser.should_keep_alive())
+
+    def _message_complete(self, keep_alive: bool) -> None:
         request = self.current
-        if request is None:
-            return
+        assert request is not None
         self.current = None
         if self.body_timer is not None:
             self._cancel_body_timer()
         body = self.body
         request.body = body[0] if len(body) == 1 else b"".join(body)
-        request.keep_alive = self.parser.should_keep_alive()
+        request.keep_alive = keep_alive
         self.queue.append(request)
         if not self.running:
             self._run_next()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import httptools
 import pytest
 
+from balancer import http_server
 from balancer.http_server import HttpRequest, HttpResponse, HttpServer
 
 
@@ -337,3 +338,65 @@ async def test_nothing_is_answered_after_connection_close_and_only_the_last_answ
     writer.close()
     assert [reply.status for reply in replies] == [200, 200, 400]
     assert [reply.headers.get("connection") for reply in replies] == [None, None, "close"]
+
+
+@pytest.fixture
+def one_call_parses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each read offered to `parse_request` was parsed in one call (skipped where it is not built)."""
+    parse = http_server.parse_request
+    if parse is None:
+        pytest.skip("the request path is interpreted: every request goes to httptools")
+    outcomes: list[bool] = []
+
+    def counting(data: bytes, max_head: int) -> object:
+        parsed = parse(data, max_head)
+        outcomes.append(parsed is not None)
+        return parsed
+
+    monkeypatch.setattr(http_server, "parse_request", counting)
+    return outcomes
+
+
+async def test_plain_requests_are_parsed_in_one_call_between_httptools_ones(
+        running: Running, one_call_parses: list[bool]) -> None:
+    reader, writer = await connect(running.port)
+    writer.write(post("/one", b'{"a": 1}', "X-User-ID: u1"))
+    first = await read_reply(reader)
+    writer.write(b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    second = await read_reply(reader)
+    writer.write(post("/two", b"", "X-User-ID: u2"))  # the connection is back between requests
+    third = await read_reply(reader)
+    writer.write(b"HEAD /three HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(3):
+        fourth = await reader.readuntil(b"\r\n\r\n")  # a HEAD answer: no body follows
+    writer.close()
+    assert one_call_parses == [True, False, True, True]
+    assert (first.json(), third.json()) == ({"method": "POST", "target": "/one", "body": '{"a": 1}', "user": "u1"},
+                                           {"method": "POST", "target": "/two", "body": "", "user": "u2"})
+    assert second.json()["body"] == "abc"
+    assert fourth.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 1234\r\n" in fourth
+    assert running.handler.finished_count == Counter({"/one": 1, "/chunked": 1, "/two": 1, "/three": 1})
+
+
+async def test_a_whole_oversized_request_in_one_read_gets_413_and_its_body_is_not_kept(
+        running: Running, one_call_parses: list[bool]) -> None:
+    reader, writer = await connect(running.port)
+    writer.write(post("/big", b"x" * 500))
+    reply = await read_reply(reader)
+    assert reply.status == 413 and reply.headers["connection"] == "close"
+    assert await closed_within(reader, 3.0)
+    writer.close()
+    assert one_call_parses == [True]
+    assert running.handler.rejections == ["body_too_large"] and running.handler.admitted["/big"] == 0
+
+
+async def test_a_request_refused_at_admission_in_one_read_keeps_the_connection(
+        running: Running, one_call_parses: list[bool]) -> None:
+    reader, writer = await connect(running.port)
+    writer.write(post("/busy", b"dropped"))
+    busy = await read_reply(reader)
+    writer.write(post("/after", b"kept"))
+    after = await read_reply(reader)
+    writer.close()
+    assert one_call_parses == [True, True]
+    assert (busy.status, after.json()["body"]) == (503, "kept")
