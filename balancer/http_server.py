@@ -1,5 +1,8 @@
 """The public port's HTTP/1.1 server: asyncio.Protocol + httptools, as lean as the upstream client.
 
+Where the request path is compiled, a plain request that arrives whole in one read is parsed in one
+C call (`balancer._headers.parse_request`) and then takes the same steps as one httptools parsed.
+
 Forwarding behind aiohttp's `web.Server` costs about twice the CPU per request that it
 costs on this server (BENCHMARKS.md, "What bounds the balancer"); the public port only
 needs buffered requests and buffered responses, so it gets a server that does just that.

@@ -11,7 +11,8 @@ instead, and `MODE` says why. An edit therefore never runs stale compiled code.
 `C_EXTENSIONS` are written in C (`balancer/_rows.c`, `_headers.c`, `_store.c`) and built in the
 same step; their sources and the headers they share (`C_HEADERS`) are hashed too. Code using one
 asks for it only when `MODE` is "compiled", and otherwise runs its Python equivalent
-(`balancer/rows.py`, `hop_headers.python_strip`, the store writer's Python sqlite3 path). An
+(`balancer/rows.py`, `hop_headers.python_strip`, the store writer's Python sqlite3 path, httptools
+for every message instead of `_headers.parse_request` and `parse_response`). An
 extension that links a library (`_store`: SQLite) is left out of a build where the library's
 header is missing or too old, with a warning, and the manifest says so; the rest is built.
 

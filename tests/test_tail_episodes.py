@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,14 +77,17 @@ def test_episode_shares_weigh_each_episode_by_its_length() -> None:
 
 
 def test_the_sampler_reads_a_threads_run_and_wait_times() -> None:
-    with ThreadSampler(os.getpid(), os.getpid()) as sampler:
-        deadline = time.monotonic() + 0.05
-        while time.monotonic() < deadline:  # this thread runs meanwhile
-            pass
-    assert len(sampler.samples) >= 3
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a thread that runs throughout
+    try:
+        with ThreadSampler(spinner.pid, spinner.pid) as sampler:
+            time.sleep(0.2)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert len(sampler.samples) >= 10  # one every 2 ms, give or take the sampler's own scheduling
     times, ran, waited = zip(*sampler.samples)
     assert list(times) == sorted(times) and list(ran) == sorted(ran) and list(waited) == sorted(waited)
-    assert ran[-1] > ran[0]
+    assert ran[-1] - ran[0] > 0.05e9  # it ran for a good part of the 0.2 s (two CPUs, shared)
 
 
 def test_the_trace_says_when_its_first_answer_was_dispatched(tmp_path: Path) -> None:
