@@ -133,12 +133,15 @@ def agreement(generate: Callable[[random.Random], bytes], parse: Callable[[bytes
     return answered, refused
 
 
-def test_where_parse_response_answers_httptools_gives_the_same_response_on_a_kept_connection() -> None:
-    def reference(data: bytes) -> object:  # the response, or how it differs from one parse_response may give
-        parsed = httptools_parse(data)
-        return None if parsed is None else parsed[0] if parsed[1] else ("closes", parsed[0])
+def response_reference(data: bytes) -> object:
+    """What parse_response must give for `data`, from httptools: the response, None, or (for a response after
+    which the connection closes) something parse_response never gives."""
+    parsed = httptools_parse(data)
+    return None if parsed is None else parsed[0] if parsed[1] else ("closes", parsed[0])
 
-    answered, refused = agreement(random_response, c_headers().parse_response, reference, 20_000, seed=9)
+
+def test_where_parse_response_answers_httptools_gives_the_same_response_on_a_kept_connection() -> None:
+    answered, refused = agreement(random_response, c_headers().parse_response, response_reference, 20_000, seed=9)
     # the comparison means something only if both outcomes happened many times
     assert answered > 3_000 and refused > 3_000
 
@@ -286,3 +289,29 @@ def test_a_request_head_over_max_head_is_left_to_httptools() -> None:
     head_length = PLAIN_REQUEST.index(b"\r\n\r\n") + 4
     assert c_headers().parse_request(PLAIN_REQUEST, head_length) is not None
     assert c_headers().parse_request(PLAIN_REQUEST, head_length - 1) is None
+
+
+def mutated(generator: random.Random, message: bytes) -> bytes:
+    """`message` with a few random bytes changed, inserted or removed, or cut short."""
+    data = bytearray(message)
+    for _ in range(generator.randint(1, 3)):
+        at = generator.randrange(len(data) + 1)
+        kind = generator.random()
+        byte = generator.choice([0, 9, 10, 13, 32, 34, 35, 58, 127, 128, 255, generator.randrange(256)])
+        if kind < 0.4 and at < len(data):
+            data[at] = byte
+        elif kind < 0.8:
+            data.insert(at, byte)
+        elif at < len(data):
+            del data[at]
+    if generator.random() < 0.1:
+        del data[generator.randrange(len(data) + 1):]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("message", [PLAIN, PLAIN_REQUEST], ids=["response", "request"])
+def test_damaged_messages_are_parsed_as_httptools_parses_them_or_left_to_it(message: bytes) -> None:
+    parse, reference = ((c_headers().parse_response, response_reference) if message is PLAIN
+                        else (lambda data: c_headers().parse_request(data, 65536), httptools_parse_request))
+    answered, refused = agreement(lambda generator: mutated(generator, message), parse, reference, 10_000, seed=5)
+    assert answered > 300 and refused > 3_000
