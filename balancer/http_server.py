@@ -28,7 +28,6 @@ admitted request.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import time
@@ -121,18 +120,9 @@ def http_date() -> bytes:
 
 
 ParseRequest = Callable[[bytes, int], "tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes] | None"]
-
-
-def _parse_request_implementation() -> ParseRequest | None:
-    """`balancer._headers.parse_request` where this process runs the compiled modules (balancer/native.py): a
-    whole plain request in one call instead of httptools' callbacks. None elsewhere: httptools parses all."""
-    if native.MODE == "compiled":
-        parse: ParseRequest = importlib.import_module(f"{native.PACKAGE}._headers").parse_request
-        return parse
-    return None
-
-
-parse_request = _parse_request_implementation()
+# A whole plain request in one call instead of httptools' callbacks (balancer/_headers.c); None where the request
+# path runs interpreted, and httptools parses all.
+parse_request: ParseRequest | None = native.c_function("_headers", "parse_request")
 
 
 class RequestHandler(Protocol):

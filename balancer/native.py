@@ -24,6 +24,7 @@ the compiled and interpreted request paths side by side.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -36,6 +37,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 PACKAGE = "balancer"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -117,6 +119,14 @@ def select(environ: Mapping[str, str] = os.environ) -> str:
     if not use_compiled and not any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _SourceFinder(PACKAGE_DIR))
     return MODE
+
+
+def c_function(extension: str, name: str) -> Any:
+    """`name` from the C extension `extension` (one of C_EXTENSIONS) where this process runs the compiled
+    modules, else None: callers then do without it."""
+    if MODE != "compiled":
+        return None
+    return getattr(importlib.import_module(f"{PACKAGE}.{extension}"), name)
 
 
 def missing_header(library: str, compiler: str = "cc") -> str:

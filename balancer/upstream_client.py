@@ -11,7 +11,6 @@ arrives whole in one read is parsed in one C call (`balancer._headers.parse_resp
 from __future__ import annotations
 
 import asyncio
-import importlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 import httptools
 
 from balancer import native
-
 from balancer.upstream_errors import (
     UpstreamClosedError,
     UpstreamConnectError,
@@ -46,18 +44,9 @@ ResponseCallback = Callable[[UpstreamResponse | None, UpstreamError | None], Non
 """Called exactly once per request, from the connection's own callbacks: (response, None) or (None, error)."""
 
 ParseResponse = Callable[[bytes], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
-
-
-def _parse_response_implementation() -> ParseResponse | None:
-    """`balancer._headers.parse_response` where this process runs the compiled modules (balancer/native.py):
-    a whole plain response in one call instead of httptools' callbacks. None elsewhere: httptools parses all."""
-    if native.MODE == "compiled":
-        parse: ParseResponse = importlib.import_module(f"{native.PACKAGE}._headers").parse_response
-        return parse
-    return None
-
-
-parse_response = _parse_response_implementation()
+# A whole plain response in one call instead of httptools' callbacks (balancer/_headers.c); None where the request
+# path runs interpreted, and httptools parses all.
+parse_response: ParseResponse | None = native.c_function("_headers", "parse_response")
 
 
 class UpstreamConnection(asyncio.Protocol):

@@ -9,7 +9,7 @@ from typing import Any
 import httptools
 import pytest
 
-from balancer import native, upstream_client
+from balancer import http_server, native, upstream_client
 from tests.test_hop_headers import c_headers
 
 Parsed = tuple[int, list[tuple[bytes, bytes]], bytes]
@@ -191,12 +191,11 @@ def test_they_refuse_what_is_not_bytes() -> None:
         c_headers().parse_request(PLAIN_REQUEST)
 
 
-def test_the_compiled_client_uses_it_and_the_interpreted_one_does_not() -> None:
-    implementation: Any = upstream_client._parse_response_implementation()
-    if native.MODE == "compiled":
-        assert implementation is c_headers().parse_response
-    else:
-        assert implementation is None
+def test_the_compiled_request_path_uses_them_and_the_interpreted_one_does_not() -> None:
+    compiled = native.MODE == "compiled"
+    for module, name in ((upstream_client, "parse_response"), (http_server, "parse_request")):
+        assert getattr(module, name) is (getattr(c_headers(), name) if compiled else None)
+        assert native.c_function("_headers", name) is getattr(module, name)
 
 
 # --- requests ---------------------------------------------------------------------------------------------------
