@@ -25,19 +25,33 @@ static int lower(int byte) {
     return byte >= 'A' && byte <= 'Z' ? byte + ('a' - 'A') : byte;
 }
 
+struct name {
+    const char *text;  /* header names in lower case (compared without case); methods as sent */
+    Py_ssize_t length;
+};
+
+#define NAME(text) {text, sizeof(text) - 1}
+
+static const struct name CONTENT_LENGTH = NAME("content-length");
+
+/* Whether `length` bytes at `name` are `wanted` in any ASCII case. */
+static int named(const unsigned char *name, Py_ssize_t length, struct name wanted) {
+    if (length != wanted.length) {
+        return 0;
+    }
+    for (Py_ssize_t at = 0; at < length; at++) {
+        if (lower(name[at]) != (unsigned char)wanted.text[at]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* The index in `dropped` (lower-case names) of the name (`length` bytes at `name`, any case), or -1. */
 static Py_ssize_t find(const unsigned char *name, Py_ssize_t length, PyObject *dropped) {
     for (Py_ssize_t index = 0; index < PyTuple_GET_SIZE(dropped); index++) {
         PyObject *candidate = PyTuple_GET_ITEM(dropped, index);
-        if (PyBytes_GET_SIZE(candidate) != length) {
-            continue;
-        }
-        const unsigned char *folded = (const unsigned char *)PyBytes_AS_STRING(candidate);
-        Py_ssize_t at = 0;
-        while (at < length && lower(name[at]) == folded[at]) {
-            at++;
-        }
-        if (at == length) {
+        if (named(name, length, (struct name){PyBytes_AS_STRING(candidate), PyBytes_GET_SIZE(candidate)})) {
             return index;
         }
     }
@@ -170,28 +184,6 @@ static void fill_classes(void) {
             | (byte == '\t' || (byte >= ' ' && byte <= '~') ? TEXT : 0)  /* visible ASCII, space, tab */
             | (alphanumeric || (byte && strchr("-._~:/?[]@!$&'()*+,;=%", byte)) ? TARGET : 0));  /* RFC 3986, no '#' */
     }
-}
-
-struct name {
-    const char *text;  /* header names in lower case (compared without case); methods as sent */
-    Py_ssize_t length;
-};
-
-#define NAME(text) {text, sizeof(text) - 1}
-
-static const struct name CONTENT_LENGTH = NAME("content-length");
-
-/* Whether `length` bytes at `name` are `wanted` in any ASCII case. */
-static int named(const unsigned char *name, Py_ssize_t length, struct name wanted) {
-    if (length != wanted.length) {
-        return 0;
-    }
-    for (Py_ssize_t at = 0; at < length; at++) {
-        if (lower(name[at]) != wanted.text[at]) {
-            return 0;
-        }
-    }
-    return 1;
 }
 
 struct span {

@@ -8,7 +8,6 @@ directions are built once per request, as bytes.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 from balancer import native
@@ -59,10 +58,8 @@ def python_strip(headers: list[tuple[bytes, bytes]], dropped: tuple[bytes, ...])
 def _strip_implementation() -> Strip:
     """`balancer._headers.strip` where this process runs the compiled modules (see balancer/native.py), else
     `python_strip`."""
-    if native.MODE == "compiled":
-        strip: Strip = importlib.import_module(f"{native.PACKAGE}._headers").strip
-        return strip
-    return python_strip
+    strip: Strip | None = native.c_function("_headers", "strip")
+    return strip or python_strip
 
 
 strip = _strip_implementation()

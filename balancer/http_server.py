@@ -196,12 +196,10 @@ class ClientConnection(asyncio.Protocol):
             parsed = parse_request(data, MAX_HEADER_BYTES)
             if parsed is not None:
                 method, self.url, self.headers, body = parsed
-                self.body = [body] if body else []
-                self.body_size = len(body)
                 request = self._headers_complete(method, False)
                 if request is not None:  # not refused (413): its body is already complete
-                    if request.response is not None:
-                        self.body = []  # an answered request's body is dropped, not kept
+                    # an answered request's body is dropped, not kept
+                    self.body = [body] if body and request.response is None else []
                     self._message_complete(True)  # HTTP/1.1 without a Connection header
                 self._pause_if_queued()
                 return
