@@ -3,7 +3,8 @@
 Hop-by-hop headers (RFC 9110 §7.6.1, plus any the `Connection` header names) stop at the
 balancer in both directions; framing is redone on each side (Content-Length); the balancer adds
 X-Request-ID and X-Forwarded-* upstream, X-Variant and X-Request-ID to the client. Both
-directions are built once per request, as bytes.
+directions are built once per request, as bytes. The names that stop are in `balancer.hop_names`; where a
+message was parsed in one C call, the parser already split its headers by them (`stripped`).
 """
 
 from __future__ import annotations
@@ -11,37 +12,31 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from balancer import native
+from balancer.hop_names import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    FORWARDED_FOR,
+    HOST,
+    NOT_FORWARDED,
+    NOT_RETURNED,
+    RETURNED_CONNECTION,
+    Held,
+    Stripped,
+)
 from balancer.http_server import HttpRequest, HttpResponse
 from balancer.upstream_client import UpstreamResponse
 
-Held = list[tuple[int, bytes]]
-Strip = Callable[[list[tuple[bytes, bytes]], tuple[bytes, ...]], tuple[bytes, Held]]
+Strip = Callable[[list[tuple[bytes, bytes]], tuple[bytes, ...]], Stripped]
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself. The first names of each are the ones
-# the proxy reads from what it holds back.
-_NOT_FORWARDED: tuple[bytes, ...] = (
-    b"host", b"connection", b"x-forwarded-for",
-    b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
-    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length",
-    b"x-variant", b"x-request-id",
-    b"expect",  # the body is already complete: upstream it could only provoke a 100 Continue
-)
-_HOST, _CONNECTION, _FORWARDED_FOR = 0, 1, 2
-_NOT_RETURNED: tuple[bytes, ...] = (
-    b"connection", b"content-length",
-    b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"te", b"trailer", b"trailers",
-    b"transfer-encoding", b"upgrade", b"x-variant", b"x-request-id",
-)
-_RETURNED_CONNECTION, _CONTENT_LENGTH = 0, 1
-_NOT_FORWARDED_SET = frozenset(_NOT_FORWARDED)
-_NOT_RETURNED_SET = frozenset(_NOT_RETURNED)
+_NOT_FORWARDED_SET = frozenset(NOT_FORWARDED)
+_NOT_RETURNED_SET = frozenset(NOT_RETURNED)
 _POSITIONS: dict[tuple[bytes, ...], dict[bytes, int]] = {
-    names: {name: position for position, name in enumerate(names)} for names in (_NOT_FORWARDED, _NOT_RETURNED)
+    names: {name: position for position, name in enumerate(names)} for names in (NOT_FORWARDED, NOT_RETURNED)
 }
 
 
-def python_strip(headers: list[tuple[bytes, bytes]], dropped: tuple[bytes, ...]) -> tuple[bytes, Held]:
-    """`balancer._headers.strip` in Python (for `_NOT_FORWARDED` and `_NOT_RETURNED`): the headers not in `dropped`
+def python_strip(headers: list[tuple[bytes, bytes]], dropped: tuple[bytes, ...]) -> Stripped:
+    """`balancer._headers.strip` in Python (for `NOT_FORWARDED` and `NOT_RETURNED`): the headers not in `dropped`
     as joined lines, and (position in `dropped`, value) for the others."""
     positions = _POSITIONS[dropped]
     lines: list[bytes] = []
@@ -65,12 +60,10 @@ def _strip_implementation() -> Strip:
 strip = _strip_implementation()
 
 
-def _without_listed(headers: list[tuple[bytes, bytes]], lines: bytes, connection: bytes | None,
+def _without_listed(headers: list[tuple[bytes, bytes]], lines: bytes, connection: bytes,
                     dropped: frozenset[bytes]) -> bytes:
-    """`lines`, or, where a Connection header names headers beyond `dropped` (rare, and a list of any size, so
+    """`lines`, or, where the Connection header names headers beyond `dropped` (rare, and a list of any size, so
     through a set rather than `strip`'s scan), the lines of `headers` without those either."""
-    if connection is None:
-        return lines
     listed = frozenset(token.strip().lower() for token in connection.split(b","))
     if listed <= dropped:
         return lines
@@ -95,20 +88,23 @@ def cookie_value(header: str | None, name: str) -> str | None:
 def forwarded_headers(request: HttpRequest, request_id: str) -> bytes:
     """The header lines sent upstream: the client's minus hop-by-hop ones, plus X-Request-ID and X-Forwarded-*.
 
-    Built once per request as bytes; `serialize_request` adds the request line, Host and framing.
+    Built once per request as bytes; `serialize_request` adds the request line, Host and framing. A request the
+    server parsed in one C call comes with its headers already split (`request.stripped`).
     """
-    lines, held = strip(request.headers, _NOT_FORWARDED)
+    stripped = request.stripped
+    lines, held = stripped if stripped is not None else strip(request.headers, NOT_FORWARDED)
     forwarded_for = b""
     host = b""
     connection: bytes | None = None
     for position, value in held:
-        if position == _HOST:
+        if position == HOST:
             host = value
-        elif position == _CONNECTION:
+        elif position == CONNECTION:
             connection = value
-        elif position == _FORWARDED_FOR:
+        elif position == FORWARDED_FOR:
             forwarded_for += value + b", "
-    lines = _without_listed(request.headers, lines, connection, _NOT_FORWARDED_SET)
+    if connection is not None:  # never for a request parsed in one call: its pairs are built only here
+        lines = _without_listed(request.headers, lines, connection, _NOT_FORWARDED_SET)
     return b"%sX-Request-ID: %s\r\nX-Forwarded-For: %s%s\r\nX-Forwarded-Host: %s\r\nX-Forwarded-Proto: http\r\n" % (
         lines, request_id.encode(), forwarded_for, (request.remote or "unknown").encode(), host)
 
@@ -116,14 +112,16 @@ def forwarded_headers(request: HttpRequest, request_id: str) -> bytes:
 def returned_answer(response: UpstreamResponse, variant: str, request_id: str) -> HttpResponse:
     """The upstream's answer for the client: its headers minus hop-by-hop and framing ones (the server
     re-frames the body), plus X-Variant and X-Request-ID."""
-    lines, held = strip(response.headers, _NOT_RETURNED)
+    stripped = response.stripped
+    lines, held = stripped if stripped is not None else strip(response.headers, NOT_RETURNED)
     connection: bytes | None = None
     head_length: int | None = None
     for position, value in held:
-        if position == _RETURNED_CONNECTION:
+        if position == RETURNED_CONNECTION:
             connection = value
-        elif position == _CONTENT_LENGTH and value.isdigit():
+        elif position == CONTENT_LENGTH and value.isdigit():
             head_length = int(value)  # what a HEAD answer announces
-    lines = _without_listed(response.headers, lines, connection, _NOT_RETURNED_SET)
+    if connection is not None:  # never for a response parsed in one call: its pairs are built only here
+        lines = _without_listed(response.headers, lines, connection, _NOT_RETURNED_SET)
     return HttpResponse(response.status, b"%sX-Variant: %s\r\nX-Request-ID: %s\r\n"
                         % (lines, variant.encode(), request_id.encode()), response.body, head_length)

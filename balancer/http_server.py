@@ -40,28 +40,29 @@ from typing import Any, Protocol
 import httptools
 
 from balancer import native
+from balancer.hop_names import NOT_FORWARDED, ParsedHeaders, Stripped
 
 logger = logging.getLogger(__name__)
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 LINGER_S = 2.0  # how long an early-closed connection keeps reading (and dropping) what the client still sends
-MAX_PIPELINED = 16
+MAX_PIPELINED = 16  # requests queued behind the one being handled before the server stops reading
 MAX_HEADER_BYTES = 64 * 1024  # request line + headers; beyond it: 431 (aiohttp and nginx bound them too)
-_METHODS = {method.encode(): method for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}  # requests queued behind the one being handled before the server stops reading
+_METHODS = {method.encode(): method for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 
 
-class HttpRequest:
+class HttpRequest(ParsedHeaders):
     """One complete request: method, target, raw headers (with a lower-case lookup) and the whole body."""
 
-    __slots__ = ("method", "target", "headers", "header_map", "body", "remote", "keep_alive", "version",
-                 "response", "admitted", "counted")
+    __slots__ = ("method", "target", "header_map", "body", "remote", "keep_alive", "version", "response", "admitted",
+                 "counted")
 
-    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], header_map: dict[bytes, bytes],
-                 remote: str | None, version: str | None) -> None:
+    def __init__(self, method: str, target: str, pairs: list[tuple[bytes, bytes]] | None, header_map: dict[bytes, bytes],
+                 remote: str | None, version: str | None, raw: bytes = b"", stripped: Stripped | None = None) -> None:
+        super().__init__(pairs, raw, stripped)
         self.method = method
         self.target = target
-        self.headers = headers
         self.header_map = header_map
         self.body = b""
         self.remote = remote
@@ -119,9 +120,10 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
-ParseRequest = Callable[[bytes, int], "tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes] | None"]
-# A whole plain request in one call instead of httptools' callbacks (balancer/_headers.c); None where the request
-# path runs interpreted, and httptools parses all.
+ParseRequest = Callable[[bytes, int, tuple[bytes, ...]],
+                         "tuple[str, str, dict[bytes, bytes], bytes, list[tuple[int, bytes]], bytes] | None"]
+# A whole plain request in one call instead of httptools' callbacks, its headers split for the hop as it is parsed
+# (balancer/_headers.c); None where the request path runs interpreted, and httptools parses all.
 parse_request: ParseRequest | None = native.c_function("_headers", "parse_request")
 
 
@@ -193,10 +195,12 @@ class ClientConnection(asyncio.Protocol):
         if parse_request is not None and not self.in_headers and self.current is None:
             # Between requests: a read holding exactly one plain request is parsed in one call, as httptools
             # would parse it (see balancer/_headers.c); anything else goes to httptools below.
-            parsed = parse_request(data, MAX_HEADER_BYTES)
+            parsed = parse_request(data, MAX_HEADER_BYTES, NOT_FORWARDED)
             if parsed is not None:
-                method, self.url, self.headers, body = parsed
-                request = self._headers_complete(method, False)
+                method, target, header_map, lines, held, body = parsed
+                # HTTP/1.1 without a Connection or Expect header: the version does not matter (see HttpRequest)
+                request = self._headers_complete(HttpRequest(method, target, None, header_map, self.remote, None, data,
+                                                             (lines, held)), len(body))
                 if request is not None:  # not refused (413): its body is already complete
                     # an answered request's body is dropped, not kept
                     self.body = [body] if body and request.response is None else []
@@ -271,22 +275,21 @@ class ClientConnection(asyncio.Protocol):
         self.in_headers = False
         if self.discarding:  # more requests behind an early answer in the same packet: not parsed further
             return
-        self._headers_complete(self.parser.get_method(), True)
-
-    def _headers_complete(self, method: bytes, from_parser: bool) -> HttpRequest | None:
-        """The request line and headers are in (`from_parser`: parsed by httptools, which knows the version);
-        the request whose body is to come, or None when it was refused at once."""
         headers = self.headers
         # lower-case name -> first value (the reversed walk lets the first occurrence win)
         header_map = {name.lower(): value for name, value in reversed(headers)}
-        # A keep-alive HTTP/1.0 client always sends Connection (should_keep_alive() is False without it); the
-        # requests parse_request takes are HTTP/1.1 and have neither header.
-        version = (self.parser.get_http_version() if from_parser and (b"connection" in header_map or b"expect" in header_map)
-                   else None)
-        request = HttpRequest(_METHODS.get(method) or method.decode("latin-1"), self.url.decode("latin-1"), headers,
-                              header_map, self.remote, version)
+        # A keep-alive HTTP/1.0 client always sends Connection (should_keep_alive() is False without it).
+        version = self.parser.get_http_version() if b"connection" in header_map or b"expect" in header_map else None
+        method = self.parser.get_method()
         length_text = header_map.get(b"content-length")
         length = int(length_text) if length_text is not None and length_text.isdigit() else None
+        self._headers_complete(HttpRequest(_METHODS.get(method) or method.decode("latin-1"), self.url.decode("latin-1"),
+                                           headers, header_map, self.remote, version), length)
+
+    def _headers_complete(self, request: HttpRequest, length: int | None) -> HttpRequest | None:
+        """The request line and headers are in: `request`, whose body is to come (`length` bytes, as its
+        Content-Length says; None without one), or None when it was refused at once."""
+        header_map = request.header_map
         max_body = self.server.max_body_bytes
         if length is not None and length > max_body:
             self.handler.rejected("body_too_large")

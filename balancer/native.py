@@ -42,8 +42,8 @@ from typing import Any
 PACKAGE = "balancer"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Everything a proxied request runs.
-COMPILED_MODULES = ("http_server", "upstream_client", "hop_headers", "proxy", "assignment", "metrics", "events",
-                    "upstreams", "runtime")
+COMPILED_MODULES = ("hop_names", "http_server", "upstream_client", "hop_headers", "proxy", "assignment", "metrics",
+                    "events", "upstreams", "runtime")
 # Extensions written in C, built alongside (`balancer/<name>.c` -> `balancer.<name>`), with the libraries each
 # links; with no build of their current source, the code that uses them runs its Python equivalent (see
 # balancer.rows.implementation, balancer.store_writer.fast_connection).

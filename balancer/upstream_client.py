@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import httptools
 
 from balancer import native
+from balancer.hop_names import NOT_RETURNED, ParsedHeaders, Stripped
 from balancer.upstream_errors import (
     UpstreamClosedError,
     UpstreamConnectError,
@@ -31,21 +31,31 @@ _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 SWEEP_INTERVAL_S = 0.05  # timeout resolution
 
 
-@dataclass(slots=True)
-class UpstreamResponse:
+class UpstreamResponse(ParsedHeaders):
     """A complete upstream answer: status, raw header pairs and the (de-chunked) body."""
 
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
+    __slots__ = ("status", "body")
+
+    def __init__(self, status: int, pairs: list[tuple[bytes, bytes]] | None, body: bytes, raw: bytes = b"",
+                 stripped: Stripped | None = None) -> None:
+        super().__init__(pairs, raw, stripped)
+        self.status = status
+        self.body = body
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, UpstreamResponse)
+                and (self.status, self.headers, self.body) == (other.status, other.headers, other.body))
+
+    def __repr__(self) -> str:
+        return f"UpstreamResponse(status={self.status!r}, headers={self.headers!r}, body={self.body!r})"
 
 
 ResponseCallback = Callable[[UpstreamResponse | None, UpstreamError | None], None]
 """Called exactly once per request, from the connection's own callbacks: (response, None) or (None, error)."""
 
-ParseResponse = Callable[[bytes], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
-# A whole plain response in one call instead of httptools' callbacks (balancer/_headers.c); None where the request
-# path runs interpreted, and httptools parses all.
+ParseResponse = Callable[[bytes, tuple[bytes, ...]], "tuple[int, bytes, list[tuple[int, bytes]], bytes] | None"]
+# A whole plain response in one call instead of httptools' callbacks, its headers split for the hop as it is parsed
+# (balancer/_headers.c); None where the request path runs interpreted, and httptools parses all.
 parse_response: ParseResponse | None = native.c_function("_headers", "parse_response")
 
 
@@ -92,12 +102,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.at_start:
             self.at_start = False
             if parse_response is not None and not self.head:
-                parsed = parse_response(data)
+                parsed = parse_response(data, NOT_RETURNED)
                 if parsed is not None:
-                    status, headers, body = parsed
+                    status, lines, held, body = parsed
                     self.keep_alive = True  # HTTP/1.1 without a Connection header
                     self.pool.release(self)
-                    self._complete(UpstreamResponse(status, headers, body), None)
+                    self._complete(UpstreamResponse(status, None, body, data, (lines, held)), None)
                     return
         try:
             self.parser.feed_data(data)

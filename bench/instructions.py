@@ -182,8 +182,9 @@ def measure(kinds: list[str]) -> dict[str, float]:
 _ANNOTATED = re.compile(r"^\s*([\d,]+) \([^)]*\)\s+(\S.*?)(?: \[[^\]]*\])?$")
 
 
-def _function_counts(kind: str, requests: int, folder: Path) -> dict[str, dict[str, int]]:
-    """One run of `kind` under callgrind: process ("balancer" or "writer") -> function -> inclusive instructions."""
+def _function_counts(kind: str, requests: int, folder: Path, inclusive: bool = True) -> dict[str, dict[str, int]]:
+    """One run of `kind` under callgrind: process ("balancer" or "writer") -> function -> instructions (inclusive:
+    with those of the functions it calls; else its own only)."""
     pattern = folder / f"{requests}.%p"
     command = ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={pattern}",
                sys.executable, "-m", "bench.instructions", "--run", kind, str(requests)]
@@ -196,7 +197,7 @@ def _function_counts(kind: str, requests: int, folder: Path) -> dict[str, dict[s
         process = "writer" if "balancer.store_writer" in header else "balancer" if "bench.instructions" in header else None
         if process is None:
             continue
-        annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(output)],
+        annotated = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", "--threshold=100", str(output)],
                                    capture_output=True, text=True, check=True).stdout
         counts[process] = parse_annotated(annotated)
     return counts
@@ -216,21 +217,26 @@ def parse_annotated(annotated: str) -> dict[str, int]:
     return functions
 
 
-def function_profile(kind: str) -> dict[str, list[tuple[str, float]]]:
-    """Process -> (function, inclusive instructions per request), largest first, without the chain of callers
-    every request runs under (main, the event loop: within 5 % of the largest): a long run's counts minus a
-    short run's, over the requests between them (start-up and imports cancel out)."""
+def function_profile(kind: str, inclusive: bool = True) -> dict[str, list[tuple[str, float]]]:
+    """Process -> (function, instructions per request), largest first: a long run's counts minus a short run's,
+    over the requests between them (start-up and imports cancel out). Inclusive counts leave out the chain of
+    callers every request runs under (main, the event loop: within 5 % of the largest); the first entry is the
+    process's whole count either way."""
     with tempfile.TemporaryDirectory(prefix="bench-functions-") as scratch:
-        short = _function_counts(kind, SHORT_RUN, Path(scratch))
-        long = _function_counts(kind, LONG_RUN, Path(scratch))
+        short = _function_counts(kind, SHORT_RUN, Path(scratch), inclusive)
+        long = _function_counts(kind, LONG_RUN, Path(scratch), inclusive)
     runs = LONG_RUN - SHORT_RUN
     profile = {}
     for process, functions in long.items():
         before = short.get(process, {})
         per_request = sorted(((name, (count - before.get(name, 0)) / runs) for name, count in functions.items()),
                              key=lambda item: -item[1])
-        whole = per_request[0][1] if per_request else 0.0
-        profile[process] = [("(everything)", whole)] + [item for item in per_request if item[1] < 0.95 * whole]
+        if inclusive:
+            whole = per_request[0][1] if per_request else 0.0
+            per_request = [item for item in per_request if item[1] < 0.95 * whole]
+        else:
+            whole = sum(count for _, count in per_request)
+        profile[process] = [("(everything)", whole)] + per_request
     return profile
 
 
@@ -246,10 +252,12 @@ def main() -> None:
     parser.add_argument("--functions", choices=list(KINDS), metavar="KIND",
                         help="instead: where KIND's instructions per request go, function by function")
     parser.add_argument("--top", type=int, default=15, help="with --functions: functions shown per process")
+    parser.add_argument("--self", action="store_true", dest="exclusive",
+                        help="with --functions: each function's own instructions, without those of what it calls")
     args = parser.parse_args()
     if args.functions:
-        for process, functions in function_profile(args.functions).items():
-            print(f"{args.functions}: {process} process, inclusive instructions per request")
+        for process, functions in function_profile(args.functions, inclusive=not args.exclusive).items():
+            print(f"{args.functions}: {process} process, {'own' if args.exclusive else 'inclusive'} instructions per request")
             for name, count in functions[:args.top]:
                 print(f"  {count:>10,.0f}  {name}")
         return

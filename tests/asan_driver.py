@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from balancer.hop_names import NOT_FORWARDED, NOT_RETURNED  # noqa: E402
 from tests.test_parse_messages import PLAIN, PLAIN_REQUEST, mutated, random_request, random_response  # noqa: E402
 
 
@@ -28,14 +29,16 @@ def main() -> None:
     generator = random.Random(1)
     for _ in range(messages):
         for data in (random_response(generator), mutated(generator, PLAIN)):
-            module.parse_response(data)
+            if module.parse_response(data, NOT_RETURNED) is not None:
+                module.header_pairs(data)
         for data in (random_request(generator), mutated(generator, PLAIN_REQUEST)):
-            module.parse_request(data, 65536)
-            module.parse_request(data, generator.randrange(200))
+            if module.parse_request(data, 65536, NOT_FORWARDED) is not None:
+                module.header_pairs(data)
+            module.parse_request(data, generator.randrange(200), NOT_FORWARDED)
     for message in (PLAIN, PLAIN_REQUEST):  # every prefix, each a bytes object of exactly that size
         for end in range(len(message) + 1):
-            module.parse_response(message[:end])
-            module.parse_request(message[:end], 65536)
+            module.parse_response(message[:end], NOT_RETURNED)
+            module.parse_request(message[:end], 65536, NOT_FORWARDED)
     print("checked", messages)
 
 

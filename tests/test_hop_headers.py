@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from balancer import hop_headers, native
+from balancer import hop_headers, hop_names, native
 from balancer.http_server import HttpRequest
 from balancer.upstream_client import UpstreamResponse
 from tests.native_build import require_native_build
@@ -45,8 +45,8 @@ def random_headers(generator: random.Random) -> Headers:
 
 
 # The code before `strip`, kept as the reference for what crosses.
-_REFERENCE_NOT_FORWARDED = frozenset(hop_headers._NOT_FORWARDED)
-_REFERENCE_NOT_RETURNED = frozenset(hop_headers._NOT_RETURNED)
+_REFERENCE_NOT_FORWARDED = frozenset(hop_names.NOT_FORWARDED)
+_REFERENCE_NOT_RETURNED = frozenset(hop_names.NOT_RETURNED)
 
 
 def reference_forwarded(headers: Headers, remote: str | None, request_id: str) -> bytes:
@@ -94,7 +94,7 @@ def test_the_c_and_the_python_strip_agree_on_any_headers() -> None:
     generator = random.Random(3)
     for _ in range(3_000):
         headers = random_headers(generator)
-        for dropped in (hop_headers._NOT_FORWARDED, hop_headers._NOT_RETURNED):
+        for dropped in (hop_names.NOT_FORWARDED, hop_names.NOT_RETURNED):
             assert c_strip(headers, dropped) == hop_headers.python_strip(headers, dropped)
 
 
@@ -138,3 +138,19 @@ def test_the_c_strip_refuses_what_is_not_headers(arguments: tuple[Any, Any], mes
 def test_the_compiled_modules_use_the_c_strip() -> None:
     expected = "strip" if native.MODE == "compiled" else "python_strip"
     assert hop_headers._strip_implementation().__name__ == expected
+
+
+def test_a_message_parsed_in_one_call_crosses_without_its_pairs_being_built() -> None:
+    # The parsers split the headers as they parse (`stripped`); the pairs are built from `raw` only if asked for.
+    # Here `raw` is no message, so building them would fail: forwarding and answering must not need them.
+    headers = [(b"Host", b"api"), (b"X-User-ID", b"u1"), (b"Content-Length", b"2")]
+    request = HttpRequest("POST", "/", None, {}, "10.1.2.3", None, b"", hop_headers.python_strip(headers, hop_names.NOT_FORWARDED))
+    assert hop_headers.forwarded_headers(request, "r1") == reference_forwarded(headers, "10.1.2.3", "r1")
+    response = UpstreamResponse(200, None, b"ok", b"", hop_headers.python_strip(headers, hop_names.NOT_RETURNED))
+    answer = hop_headers.returned_answer(response, "model_a", "r1")
+    assert (answer.header_lines, answer.head_length) == reference_returned(headers, "model_a", "r1")
+    if native.MODE == "compiled":  # asked for, they are built from the bytes (nothing to build them from here)
+        with pytest.raises(ValueError, match="not a message parse_request or parse_response took"):
+            request.headers
+        raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
+        assert UpstreamResponse(200, None, b"ok", raw, (b"", [])).headers == [(b"X-A", b"1"), (b"Content-Length", b"2")]

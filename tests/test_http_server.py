@@ -348,8 +348,8 @@ def one_call_parses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         pytest.skip("the request path is interpreted: every request goes to httptools")
     outcomes: list[bool] = []
 
-    def counting(data: bytes, max_head: int) -> object:
-        parsed = parse(data, max_head)
+    def counting(data: bytes, max_head: int, dropped: tuple[bytes, ...]) -> object:
+        parsed = parse(data, max_head, dropped)
         outcomes.append(parsed is not None)
         return parsed
 

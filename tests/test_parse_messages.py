@@ -1,4 +1,9 @@
-"""balancer._headers.parse_request and parse_response: where they parse a message, they answer as httptools does."""
+"""balancer._headers.parse_request and parse_response: where they parse a message, they answer as httptools does.
+
+They give the headers in the hop's form (the lines that cross and the ones held back, as `strip` gives them for
+the pairs httptools reports; for a request also the lower-case lookup the server builds), and `header_pairs` the
+pairs themselves: each is checked against what httptools' pairs give.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,12 @@ import httptools
 import pytest
 
 from balancer import http_server, native, upstream_client
+from balancer.hop_headers import python_strip
+from balancer.hop_names import NOT_FORWARDED, NOT_RETURNED
 from tests.test_hop_headers import c_headers
 
 Parsed = tuple[int, list[tuple[bytes, bytes]], bytes]
+Pairs = list[tuple[bytes, bytes]]
 
 PLAIN = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 13\r\n"
          b"Date: Mon, 07 Dec 2026 05:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.13.2\r\n\r\n{\"score\": 1}\n")
@@ -133,15 +141,26 @@ def agreement(generate: Callable[[random.Random], bytes], parse: Callable[[bytes
     return answered, refused
 
 
+def response_form(status: int, headers: Pairs, body: bytes) -> tuple[object, ...]:
+    """What `c_response` gives for a response httptools reports as `status`, `headers`, `body`."""
+    return (status, *python_strip(headers, NOT_RETURNED), body, headers)
+
+
+def c_response(data: bytes) -> tuple[object, ...] | None:
+    """parse_response's answer for `data`, and header_pairs' where it answered."""
+    parsed = c_headers().parse_response(data, NOT_RETURNED)
+    return None if parsed is None else (*parsed, c_headers().header_pairs(data))
+
+
 def response_reference(data: bytes) -> object:
-    """What parse_response must give for `data`, from httptools: the response, None, or (for a response after
+    """What `c_response` must give for `data`, from httptools: the response, None, or (for a response after
     which the connection closes) something parse_response never gives."""
     parsed = httptools_parse(data)
-    return None if parsed is None else parsed[0] if parsed[1] else ("closes", parsed[0])
+    return None if parsed is None else response_form(*parsed[0]) if parsed[1] else ("closes", parsed[0])
 
 
 def test_where_parse_response_answers_httptools_gives_the_same_response_on_a_kept_connection() -> None:
-    answered, refused = agreement(random_response, c_headers().parse_response, response_reference, 20_000, seed=9)
+    answered, refused = agreement(random_response, c_response, response_reference, 20_000, seed=9)
     # the comparison means something only if both outcomes happened many times
     assert answered > 3_000 and refused > 3_000
 
@@ -155,8 +174,15 @@ def test_where_parse_response_answers_httptools_gives_the_same_response_on_a_kep
      (503, [(b"Retry-After", b"1"), (b"Content-Length", b"2")], b"{}")),
 ])
 def test_plain_responses_are_parsed(data: bytes, expected: Parsed) -> None:
-    assert c_headers().parse_response(data) == expected
+    assert c_response(data) == response_form(*expected)
     assert httptools_parse(data) == (expected, True)
+
+
+def test_a_response_s_headers_are_split_for_the_hop() -> None:
+    data = (b"HTTP/1.1 200 OK\r\nX-Model: b\r\nKeep-Alive: timeout=5\r\ncontent-length: 2\r\nX-Variant: spoofed\r\n"
+            b"Date: today\r\n\r\n{}")
+    assert c_headers().parse_response(data, NOT_RETURNED) == (
+        200, b"X-Model: b\r\nDate: today\r\n", [(2, b"timeout=5"), (1, b"2"), (10, b"spoofed")], b"{}")
 
 
 @pytest.mark.parametrize("data", [
@@ -179,16 +205,24 @@ def test_plain_responses_are_parsed(data: bytes, expected: Parsed) -> None:
     b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % index for index in range(40)) + b"Content-Length: 0\r\n\r\n",
 ])
 def test_anything_else_is_left_to_httptools(data: bytes) -> None:
-    assert c_headers().parse_response(data) is None
+    assert c_headers().parse_response(data, NOT_RETURNED) is None
 
 
-def test_they_refuse_what_is_not_bytes() -> None:
-    with pytest.raises(TypeError, match=r"parse_response\(data: bytes\)"):
-        c_headers().parse_response(bytearray(PLAIN))
-    with pytest.raises(TypeError, match=r"parse_request\(data: bytes, max_head: int\)"):
-        c_headers().parse_request(bytearray(PLAIN_REQUEST), 100)
-    with pytest.raises(TypeError, match=r"parse_request\(data: bytes, max_head: int\)"):
-        c_headers().parse_request(PLAIN_REQUEST)
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.parse_response(bytearray(PLAIN), NOT_RETURNED), r"parse_response\(data: bytes, dropped: tuple\)"),
+    (lambda c: c.parse_response(PLAIN), r"parse_response\(data: bytes, dropped: tuple\)"),
+    (lambda c: c.parse_response(PLAIN, list(NOT_RETURNED)), r"parse_response\(data: bytes, dropped: tuple\)"),
+    (lambda c: c.parse_response(PLAIN, ("x",)), r"dropped\[0\] is not bytes"),
+    (lambda c: c.parse_request(bytearray(PLAIN_REQUEST), 100, NOT_FORWARDED),
+     r"parse_request\(data: bytes, max_head: int, dropped: tuple\)"),
+    (lambda c: c.parse_request(PLAIN_REQUEST, 100), r"parse_request\(data: bytes, max_head: int, dropped: tuple\)"),
+    (lambda c: c.parse_request(PLAIN_REQUEST, 100, (b"a",) * 65), r"at most 64 dropped names, got 65"),
+    (lambda c: c.header_pairs(bytearray(PLAIN)), r"header_pairs\(data: bytes\)"),
+    (lambda c: c.header_pairs(b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n"), r"not a message parse_request or"),
+])
+def test_they_refuse_what_they_cannot_take(call: Callable[[Any], object], message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(c_headers())
 
 
 def test_the_compiled_request_path_uses_them_and_the_interpreted_one_does_not() -> None:
@@ -244,9 +278,26 @@ def random_request(generator: random.Random) -> bytes:
     return assemble(generator, request_line, headers, lengths, body, odd, [b"x", b"GET / HTTP/1.1\r\n\r\n", b"\r\n"])
 
 
+def request_form(method: bytes, target: bytes, headers: Pairs, body: bytes) -> tuple[object, ...]:
+    """What `c_request` gives for a request httptools reports as `method`, `target`, `headers`, `body`."""
+    header_map = {name.lower(): value for name, value in reversed(headers)}  # the first of a name wins
+    return (method.decode(), target.decode("latin-1"), header_map, *python_strip(headers, NOT_FORWARDED), body, headers)
+
+
+def c_request(data: bytes, max_head: int = 65536) -> tuple[object, ...] | None:
+    """parse_request's answer for `data`, and header_pairs' where it answered."""
+    parsed = c_headers().parse_request(data, max_head, NOT_FORWARDED)
+    return None if parsed is None else (*parsed, c_headers().header_pairs(data))
+
+
+def request_reference(data: bytes) -> object:
+    """What `c_request` must give for `data`, from httptools."""
+    parsed = httptools_parse_request(data)
+    return None if parsed is None else request_form(*parsed)
+
+
 def test_where_parse_request_answers_httptools_gives_the_same_request_on_a_kept_connection() -> None:
-    answered, refused = agreement(random_request, lambda data: c_headers().parse_request(data, 65536),
-                                  httptools_parse_request, 30_000, seed=11)
+    answered, refused = agreement(random_request, c_request, request_reference, 30_000, seed=11)
     # the comparison means something only if both outcomes happened many times
     assert answered > 5_000 and refused > 5_000
 
@@ -259,8 +310,20 @@ def test_where_parse_request_answers_httptools_gives_the_same_request_on_a_kept_
      (b"DELETE", b"/x", [(b"content-length", b"0"), (b"Accept", b"*/*")], b"")),
 ])
 def test_plain_requests_are_parsed(data: bytes, expected: tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]) -> None:
-    assert c_headers().parse_request(data, 65536) == expected
+    assert c_request(data) == request_form(*expected)
     assert httptools_parse_request(data) == expected
+
+
+def test_a_request_s_headers_are_split_for_the_hop_and_looked_up_by_lower_case_name() -> None:
+    data = (b"GET /x HTTP/1.1\r\nHost: h:1\r\nX-User-ID: u1\r\nx-user-id: u2\r\nX-Forwarded-For: 10.0.0.1\r\n"
+            b"Accept: */*\r\nX-Forwarded-For: 10.0.0.2\r\n\r\n")
+    method, target, header_map, lines, held, body = c_headers().parse_request(data, 65536, NOT_FORWARDED)
+    assert (method, target, body) == ("GET", "/x", b"")
+    assert header_map == {b"host": b"h:1", b"x-user-id": b"u1", b"x-forwarded-for": b"10.0.0.1", b"accept": b"*/*"}
+    assert lines == b"X-User-ID: u1\r\nx-user-id: u2\r\nAccept: */*\r\n"
+    assert held == [(0, b"h:1"), (2, b"10.0.0.1"), (2, b"10.0.0.2")]
+    # one str per method, made when the module loads
+    assert method is c_headers().parse_request(b"GET / HTTP/1.1\r\n\r\n", 100, ())[0]
 
 
 @pytest.mark.parametrize("data", [
@@ -281,13 +344,13 @@ def test_plain_requests_are_parsed(data: bytes, expected: tuple[bytes, bytes, li
     b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % index for index in range(40)) + b"\r\n",
 ])
 def test_any_other_request_is_left_to_httptools(data: bytes) -> None:
-    assert c_headers().parse_request(data, 65536) is None
+    assert c_headers().parse_request(data, 65536, NOT_FORWARDED) is None
 
 
 def test_a_request_head_over_max_head_is_left_to_httptools() -> None:
     head_length = PLAIN_REQUEST.index(b"\r\n\r\n") + 4
-    assert c_headers().parse_request(PLAIN_REQUEST, head_length) is not None
-    assert c_headers().parse_request(PLAIN_REQUEST, head_length - 1) is None
+    assert c_request(PLAIN_REQUEST, head_length) is not None
+    assert c_request(PLAIN_REQUEST, head_length - 1) is None
 
 
 def mutated(generator: random.Random, message: bytes) -> bytes:
@@ -310,7 +373,6 @@ def mutated(generator: random.Random, message: bytes) -> bytes:
 
 @pytest.mark.parametrize("message", [PLAIN, PLAIN_REQUEST], ids=["response", "request"])
 def test_damaged_messages_are_parsed_as_httptools_parses_them_or_left_to_it(message: bytes) -> None:
-    parse, reference = ((c_headers().parse_response, response_reference) if message is PLAIN
-                        else (lambda data: c_headers().parse_request(data, 65536), httptools_parse_request))
+    parse, reference = ((c_response, response_reference) if message is PLAIN else (c_request, request_reference))
     answered, refused = agreement(lambda generator: mutated(generator, message), parse, reference, 10_000, seed=5)
     assert answered > 300 and refused > 3_000
