@@ -58,6 +58,29 @@ static Py_ssize_t find(const unsigned char *name, Py_ssize_t length, PyObject *d
     return -1;
 }
 
+/* A tuple of `count` new references (stolen, also on failure); NULL with an exception set. */
+static PyObject *tuple_of(int count, PyObject **items) {
+    PyObject *tuple = NULL;
+    for (int index = 0; index < count; index++) {
+        if (items[index] == NULL) {
+            goto failed;
+        }
+    }
+    tuple = PyTuple_New(count);
+    if (tuple == NULL) {
+        goto failed;
+    }
+    for (int index = 0; index < count; index++) {
+        PyTuple_SET_ITEM(tuple, index, items[index]);
+    }
+    return tuple;
+failed:
+    for (int index = 0; index < count; index++) {
+        Py_XDECREF(items[index]);
+    }
+    return NULL;
+}
+
 /* Whether `dropped` is a tuple of at most MAX_DROPPED bytes names; 0 with an exception set if not. */
 static int check_dropped(PyObject *dropped, const char *usage) {
     if (!PyTuple_Check(dropped)) {
@@ -85,14 +108,18 @@ struct field {
     PyObject *value_object;  /* the value as bytes, where the caller has it already (borrowed); else NULL */
 };
 
-/* (lines, held) of strip() for `count` fields; NULL with an exception set. */
-static PyObject *stripped(const struct field *fields, Py_ssize_t count, PyObject *dropped) {
+/* strip()'s lines and held for `count` fields, as new references in *lines_out and *held_out: 1, or 0 with an
+   exception set (and neither set). */
+static int stripped(const struct field *fields, Py_ssize_t count, PyObject *dropped, PyObject **lines_out,
+                    PyObject **held_out) {
     char stack_keep[32];
     char *keep = count <= (Py_ssize_t)sizeof(stack_keep) ? stack_keep : PyMem_Malloc(count);
     if (keep == NULL) {
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return 0;
     }
-    PyObject *held = PyList_New(0), *lines = NULL, *result = NULL;
+    PyObject *held = PyList_New(0), *lines = NULL;
+    int done_well = 0;
     if (held == NULL) {
         goto done;
     }
@@ -140,14 +167,18 @@ static PyObject *stripped(const struct field *fields, Py_ssize_t count, PyObject
         *out++ = '\r';
         *out++ = '\n';
     }
-    result = PyTuple_Pack(2, lines, held);
+    *lines_out = lines;
+    *held_out = held;
+    done_well = 1;
 done:
     if (keep != stack_keep) {
         PyMem_Free(keep);
     }
-    Py_XDECREF(lines);
-    Py_XDECREF(held);
-    return result;
+    if (!done_well) {
+        Py_XDECREF(lines);
+        Py_XDECREF(held);
+    }
+    return done_well;
 }
 
 #define STRIP_USAGE "strip(headers: list, dropped: tuple)"
@@ -180,7 +211,11 @@ static PyObject *strip(PyObject *module, PyObject *const *args, Py_ssize_t nargs
                                        PyBytes_GET_SIZE(value), value};
     }
     /* The list is not touched from here on: the fields point into bytes objects it holds. */
-    result = stripped(fields, count, dropped);
+    PyObject *lines, *held;
+    if (stripped(fields, count, dropped, &lines, &held)) {
+        PyObject *items[] = {lines, held};
+        result = tuple_of(2, items);
+    }
 done:
     if (fields != stack_fields) {
         PyMem_Free(fields);
@@ -374,29 +409,6 @@ static const struct name REQUEST_REFUSED[] = {
 static const struct name METHODS[] = {
     NAME("GET"), NAME("POST"), NAME("PUT"), NAME("PATCH"), NAME("DELETE"), NAME("HEAD"), NAME("OPTIONS"), {NULL, 0}};
 
-/* A tuple of `count` new references (stolen, also on failure); NULL with an exception set. */
-static PyObject *tuple_of(int count, PyObject **items) {
-    PyObject *tuple = NULL;
-    for (int index = 0; index < count; index++) {
-        if (items[index] == NULL) {
-            goto failed;
-        }
-    }
-    tuple = PyTuple_New(count);
-    if (tuple == NULL) {
-        goto failed;
-    }
-    for (int index = 0; index < count; index++) {
-        PyTuple_SET_ITEM(tuple, index, items[index]);
-    }
-    return tuple;
-failed:
-    for (int index = 0; index < count; index++) {
-        Py_XDECREF(items[index]);
-    }
-    return NULL;
-}
-
 /* The status line of a plain response in `text` (`size` bytes): 1 with the status and *at after it, or 0. */
 static int status_line(const unsigned char *text, Py_ssize_t size, int *status_out, Py_ssize_t *at_out) {
     /* "HTTP/1.1 " + three digits + " " */
@@ -474,13 +486,11 @@ static PyObject *parse_response(PyObject *module, PyObject *const *args, Py_ssiz
     }
     struct field fields[MAX_FAST_HEADERS];
     head_fields(text, &head, NULL, fields);
-    PyObject *hop = stripped(fields, head.count, args[1]);
-    if (hop == NULL) {
+    PyObject *lines, *held;
+    if (!stripped(fields, head.count, args[1], &lines, &held)) {
         return NULL;
     }
-    PyObject *items[] = {PyLong_FromLong(status), Py_NewRef(PyTuple_GET_ITEM(hop, 0)), Py_NewRef(PyTuple_GET_ITEM(hop, 1)),
-                         PyBytes_FromStringAndSize((const char *)text + at, size - at)};
-    Py_DECREF(hop);
+    PyObject *items[] = {PyLong_FromLong(status), lines, held, PyBytes_FromStringAndSize((const char *)text + at, size - at)};
     return tuple_of(4, items);
 }
 
@@ -519,20 +529,18 @@ static PyObject *parse_request(PyObject *module, PyObject *const *args, Py_ssize
     }
     struct field fields[MAX_FAST_HEADERS] = {{0}};  /* all set by head_fields: initialised for the compiler's sake */
     head_fields(text, &head, values, fields);
-    PyObject *map = header_dict(text, &head, values);
-    PyObject *hop = map == NULL ? NULL : stripped(fields, head.count, args[2]);
+    PyObject *map = header_dict(text, &head, values), *lines, *held;
+    int split = map != NULL && stripped(fields, head.count, args[2], &lines, &held);
     for (int index = 0; index < head.count; index++) {
         Py_DECREF(values[index]);
     }
-    if (hop == NULL) {
+    if (!split) {
         Py_XDECREF(map);
         return NULL;
     }
     PyObject *items[] = {Py_NewRef(method_names[method]),
-                         PyUnicode_DecodeLatin1((const char *)text + target.start, target.length, NULL), map,
-                         Py_NewRef(PyTuple_GET_ITEM(hop, 0)), Py_NewRef(PyTuple_GET_ITEM(hop, 1)),
-                         PyBytes_FromStringAndSize((const char *)text + at, size - at)};
-    Py_DECREF(hop);
+                         PyUnicode_DecodeLatin1((const char *)text + target.start, target.length, NULL), map, lines,
+                         held, PyBytes_FromStringAndSize((const char *)text + at, size - at)};
     return tuple_of(6, items);
 }
 

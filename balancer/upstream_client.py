@@ -42,10 +42,6 @@ class UpstreamResponse(ParsedHeaders):
         self.status = status
         self.body = body
 
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, UpstreamResponse)
-                and (self.status, self.headers, self.body) == (other.status, other.headers, other.body))
-
     def __repr__(self) -> str:
         return f"UpstreamResponse(status={self.status!r}, headers={self.headers!r}, body={self.body!r})"
 

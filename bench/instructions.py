@@ -20,11 +20,11 @@ with outcome logging and metrics off; `default` is the balancer as it ships; `ou
 `metrics-off` (named as in `bench.same_core`) have one feature off, to count the other's share.
 `make bench` counts the first three (MAKE_BENCH_KINDS).
 
-    python -m bench.instructions --functions default [--top 15]
+    python -m bench.instructions --functions default [--top 15] [--self]
 
 says where one kind's instructions per request go: each function's inclusive count per request
-(the same difference of a long and a short run, from `callgrind_annotate --inclusive=yes`), in the
-balancer's process and in its store writer process.
+(the same difference of a long and a short run, from `callgrind_annotate --inclusive=yes`; with
+`--self`, its own count, without what it calls), in the balancer's process and in its store writer process.
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ def measure(kinds: list[str]) -> dict[str, float]:
 
 
 # A line of `callgrind_annotate`: "  222,265,172 (40.01%)  /path/cursor.c:bind_param [/path/_sqlite3.so]"
+_CALL_COUNT = re.compile(r" \([\d,]+x\)$")
 _ANNOTATED = re.compile(r"^\s*([\d,]+) \([^)]*\)\s+(\S.*?)(?: \[[^\]]*\])?$")
 
 
@@ -197,8 +198,8 @@ def _function_counts(kind: str, requests: int, folder: Path, inclusive: bool = T
         process = "writer" if "balancer.store_writer" in header else "balancer" if "bench.instructions" in header else None
         if process is None:
             continue
-        annotated = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", "--threshold=100", str(output)],
-                                   capture_output=True, text=True, check=True).stdout
+        annotated = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}",
+                                    "--threshold=100", str(output)], capture_output=True, text=True, check=True).stdout
         counts[process] = parse_annotated(annotated)
     return counts
 
@@ -211,7 +212,8 @@ def parse_annotated(annotated: str) -> dict[str, int]:
         # callgrind marks a recursive function's inner cycles with 'N (counted again inclusively), and
         # code without symbols by its address: neither names a place to look
         if match and ":" in match[2] and not re.search(r"'\d+$", match[2]) and ":0x" not in match[2]:
-            file, _, function = match[2].rpartition(":")
+            # a name may carry its call count, "fn (1,234x)", where it shows apart from the same function without
+            file, _, function = _CALL_COUNT.sub("", match[2]).rpartition(":")
             name = f"{Path(file).name}:{function}"
             functions[name] = functions.get(name, 0) + int(match[1].replace(",", ""))
     return functions

@@ -1152,6 +1152,14 @@ Ir                   file:function
     }  # recursion markers ('2) and bare addresses left out
 
 
+def test_a_function_shown_with_its_call_count_is_the_same_function() -> None:
+    annotated = """\
+    1,647,000 ( 2.00%)  /src/mypyc/lib-rt/dict_ops.c:CPyDict_Get (15,367x) [/lib/native.so]
+      500,000 ( 0.61%)  /src/mypyc/lib-rt/dict_ops.c:CPyDict_Get [/lib/native.so]
+"""
+    assert instruction_functions(annotated) == {"dict_ops.c:CPyDict_Get": 2_147_000}
+
+
 def test_a_layer_below_zero_is_explained_as_noise_and_only_then() -> None:
     from bench.report import _negative_layer_sentence
 
