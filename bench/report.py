@@ -519,8 +519,9 @@ def _method_section(results: BenchResults) -> str:
     return f"""## Method
 
 Every process runs on loopback, started by the harness (`bench/stack.py`): two backends per kind (one per
-variant; `tests/noop_backend.py`, or the real `model_a` / `model_b` servers), a balancer per configuration
-and one nginx per kind. Three paths per kind:
+variant; `tests/noop_backend.py` on uvloop, or the real `model_a` / `model_b` servers), a balancer per
+configuration and one nginx per kind. On uvloop a no-op backend costs about a quarter less CPU per request at the
+fixed rate than on asyncio's loop (`python -m bench.backend_cost`), CPU the hop and the client then have. Three paths per kind:
 
 - **direct**: the load generator talks to both backends itself, half the connections each;
 - **balancer**: `python -m balancer serve`, one process, sticky 50/50 on `X-User-ID`, outcome log and metrics on;
@@ -912,8 +913,31 @@ def _tail_section(results: BenchResults) -> str:
         f"runs (median; from {_number(100 * min(steal, default=float('nan')), 1)} % to "
         f"{_number(100 * max(steal, default=float('nan')), 1)} %, `steal` in `/proc/stat`): time in which every "
         "process here, client included, waited. " + steal_correlation(noop_runs) + "\n"
+        + _sharing(results, rate, (("direct", direct), ("balancer", full), ("nginx", nginx)))
         + _pinned_tail(results, (("direct", direct), ("balancer", full), (f"balancer, {FEATURE_BASELINE}", lean),
                                  ("nginx", nginx)))
+    )
+
+
+def _sharing(results: BenchResults, rate: float, paths: tuple[tuple[str, Target], ...]) -> str:
+    """Who else used the two cores during the fixed-rate runs: the client's and the backends' CPU beside the hop's."""
+    rows = []
+    for label, target in paths:
+        samples = results.fixed_rate_samples(target)
+        client = median([sample.client_us_per_request for sample in samples])
+        backends = median([sample.backend_us_per_request for sample in samples])
+        hop = 0.0 if target.hop == "direct" else results.fixed_rate_hop_cpu(target)
+        if math.isnan(backends):
+            return ""
+        rows.append(f"| {label} | {_number(client, 0)} | {_number(backends, 0)} "
+                    f"| {'—' if target.hop == 'direct' else _number(hop, 0)} "
+                    f"| {_number((client + backends + hop) * rate / 1e6, 2)} |\n")
+    return (
+        f"\nWho else uses the two cores at {rate:.0f} req/s: CPU per request of the load generator "
+        "(`bench.openloop`, its own `getrusage`) and of both backends together (`/proc/<pid>/stat` around each "
+        "run), medians over the same fixed-rate runs, beside the hop's. \"Cores\" is their sum at the rate: out of "
+        "2.\n\n"
+        "| path | client µs/req | backends µs/req | hop µs/req | cores |\n|---|---|---|---|---|\n" + "".join(rows)
     )
 
 
@@ -1167,9 +1191,11 @@ def _raw_section(results: BenchResults) -> str:
             rows.append(f"| {phase} | {target.name} | {index} | {fixed.achieved_rps:.0f} of {fixed.rate:.0f} req/s, "
                         f"p50 {fixed.p50_ms:.2f} ms, p99 {fixed.p99_ms:.2f} ms, p99.9 {fixed.p999_ms:.2f} ms; "
                         f"queued {fixed.queued}, client late p99 {fixed.late_ms_p99:.1f} ms, client CPU "
-                        f"{fixed.client_cpu_s / max(fixed.completed, 1) * 1e6:.0f} µs/req"
+                        f"{fixed.client_us_per_request:.0f} µs/req"
                         + ("" if fixed.proxy_us_per_request is None or fixed.proxy_busy is None else
                            f", hop {fixed.proxy_us_per_request:.0f} µs/req (busy {100 * fixed.proxy_busy:.0f} %)")
+                        + ("" if math.isnan(fixed.backend_us_per_request) else
+                           f", backends {fixed.backend_us_per_request:.0f} µs/req")
                         + f", steal {100 * fixed.steal:.1f} % | {fixed.errors} |\n")
     return ("## Every run\n\n<details><summary>Raw samples, in round order per configuration</summary>\n\n"
             "| phase | configuration | round | result | errors |\n|---|---|---|---|---|\n" + "".join(rows)

@@ -100,7 +100,8 @@ def _saturation(fields: dict[str, Any]) -> SaturationSample:
 
 
 def _fixed_rate(fields: dict[str, Any]) -> FixedRateSample:
-    return FixedRateSample(**{**fields, "proxy_cpu": _cpu(fields["proxy_cpu"])})
+    return FixedRateSample(**{**fields, "proxy_cpu": _cpu(fields["proxy_cpu"]),
+                              "backend_cpu": _cpu(fields.get("backend_cpu"))})
 
 
 def _same_core_pair(fields: dict[str, Any]) -> SameCorePair:

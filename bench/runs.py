@@ -185,11 +185,24 @@ class FixedRateSample:
     # CPU, over the whole run (NaN for direct runs and runs from before it was measured)
     proxy_wait_s: float = math.nan
     backend_wait_s: float = math.nan  # the same for the backends' processes
+    backend_cpu: CpuUsage | None = None  # both backends over the whole run (None for runs from before it was measured)
 
     @property
     def proxy_us_per_request(self) -> float | None:
         """CPU µs of the hop's processes per request dispatched (None for direct runs)."""
         return None if self.proxy_cpu is None else microseconds_per_request(self.proxy_cpu.total_s, self.dispatched)
+
+    @property
+    def client_us_per_request(self) -> float:
+        """The client's CPU µs per request dispatched: its CPU time covers the warm-up's requests too."""
+        return microseconds_per_request(self.client_cpu_s, self.dispatched)
+
+    @property
+    def backend_us_per_request(self) -> float:
+        """CPU µs of both backends together per request dispatched (NaN for runs from before it was measured)."""
+        if self.backend_cpu is None:
+            return math.nan
+        return microseconds_per_request(self.backend_cpu.total_s, self.dispatched)
 
     @property
     def proxy_wait_share(self) -> float:
@@ -273,6 +286,7 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
         if pinned is not None:
             placement.enter_context(pinned_apart(proxy_pids, target.backend_pids, *pinned))
         proxy_before, machine_before, started = snapshot(proxy_pids), machine_times(), time.monotonic()
+        backends_before = snapshot(target.backend_pids)
         waits_before, backend_waits_before = serving_waits(proxy_pids), serving_waits(target.backend_pids)
         try:
             completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False,
@@ -285,6 +299,7 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
     seconds, machine_after = time.monotonic() - started, machine_times()
     waited = wait_between(waits_before, serving_waits(proxy_pids)) if proxy_pids else math.nan
     backends_waited = wait_between(backend_waits_before, serving_waits(target.backend_pids))
+    backend_cpu = cpu_between(backends_before, snapshot(target.backend_pids))
     proxy_cpu, _ = hop_cpu(target, proxy_before)
     if completed.returncode != 0:
         raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
@@ -299,6 +314,7 @@ def measure_fixed_rate(target: Target, rate: float, settings: Settings, body_fil
                            client_cpu_s=summary["client_cpu_s"], seconds=seconds,
                            dispatched=summary["sent"] + round(rate * settings.warmup_s),
                            proxy_cpu=proxy_cpu, proxy_wait_s=waited, backend_wait_s=backends_waited,
+                           backend_cpu=backend_cpu,
                            steal=steal_share(machine_before, machine_after))
 
 

@@ -148,19 +148,24 @@ class Stack:
     def __exit__(self, *exc_info: object) -> None:
         self._exit.close()
 
-    def backends(self, kind: str) -> tuple[dict[str, str], tuple[int, ...]]:
-        """Start the two backends of `kind` (ready after `ready()`): variant -> host:port, and their pids."""
+    def backends(self, kind: str, *, event_loop: str = "uvloop") -> tuple[dict[str, str], tuple[int, ...]]:
+        """Start the two backends of `kind` (ready after `ready()`): variant -> host:port, and their pids.
+
+        `event_loop`: what the no-op backends run on (`tests/noop_backend.py --event-loop`).
+        """
         addresses: dict[str, str] = {}
         pids = []
         for variant in VARIANTS:
             port = free_port()
             if kind == "noop":
-                command = [sys.executable, "tests/noop_backend.py", "--port", str(port), "--name", variant]
+                command = [sys.executable, "tests/noop_backend.py", "--port", str(port), "--name", variant,
+                           "--event-loop", event_loop]
                 ready = f"http://{HOST}:{port}/healthz"
             else:
                 command = [sys.executable, "-m", variant, "--port", str(port), "--artifacts", str(self.artifacts)]
                 ready = f"http://{HOST}:{port}/readyz"
-            pids.append(self._spawn(f"{kind}-{variant}", command, ready).pid)
+            pids.append(self._spawn(f"{kind}-{variant}-{event_loop}" if kind == "noop" else f"{kind}-{variant}",
+                                    command, ready).pid)
             addresses[variant] = f"{HOST}:{port}"
         return addresses, tuple(pids)
 

@@ -23,7 +23,7 @@ import pytest
 
 from balancer import native
 from balancer.config import parse_experiment
-from bench import openloop, results_file, tail_episodes, tools
+from bench import backend_cost, openloop, results_file, tail_episodes, tools
 from bench.__main__ import main as bench_main
 from bench.errors import BenchError
 from bench.instructions import KINDS as INSTRUCTION_KINDS
@@ -255,9 +255,10 @@ def _results() -> BenchResults:
 
     def fixed(p50: float, p99: float, hop_cpu_s: float | None = None) -> list[FixedRateSample]:
         return [FixedRateSample(rate=500, achieved_rps=500, completed=5000, errors=0, queued=0, p50_ms=p50,
-                                p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.2, dispatched=5500,
+                                p99_ms=p99, p999_ms=p99, late_ms_p99=0.5, client_cpu_s=0.22, dispatched=5500,
                                 seconds=11.0, steal=0.04,
-                                proxy_cpu=None if hop_cpu_s is None else CpuUsage(user_s=hop_cpu_s, system_s=0.0))]
+                                proxy_cpu=None if hop_cpu_s is None else CpuUsage(user_s=hop_cpu_s, system_s=0.0),
+                                backend_cpu=CpuUsage(user_s=0.11, system_s=0.055))]
 
     targets = [Target(name=f"noop {hop}", kind="noop", hop=hop, url="http://h:1/predict")
                for hop in ("direct", "balancer", "nginx")]
@@ -619,17 +620,34 @@ def test_a_fixed_rate_run_measures_the_hops_and_the_backends_wait_for_a_cpu(tmp_
     ports = free_port(), free_port()
     with (running(["tests/noop_backend.py", "--port", str(ports[0])], f"http://127.0.0.1:{ports[0]}/healthz",
                   log=tmp_path / "hop.log") as hop,
-          running(["tests/noop_backend.py", "--port", str(ports[1])], f"http://127.0.0.1:{ports[1]}/healthz",
-                  log=tmp_path / "backend.log") as backend):
+          running(["tests/noop_backend.py", "--port", str(ports[1]), "--event-loop", "asyncio"],
+                  f"http://127.0.0.1:{ports[1]}/healthz", log=tmp_path / "backend.log") as backend):
         # the "hop" is a no-op backend too: only the accounting is under test
         target = Target(name="noop balancer", kind="noop", hop="balancer", url=f"http://127.0.0.1:{ports[0]}/predict",
                         proxy_pid=hop.pid, backend_pids=(backend.pid,))
-        sample = measure_fixed_rate(target, 400, replace(QUICK, fixed_rate_s=1.0, warmup_s=0.2), body_file)
+        settings = replace(QUICK, fixed_rate_s=1.0, warmup_s=0.2)
+        sample = measure_fixed_rate(target, 400, settings, body_file)
+        direct = measure_fixed_rate(Target(name="noop direct", kind="noop", hop="direct",
+                                           url=f"http://127.0.0.1:{ports[1]}/predict", backend_pids=(backend.pid,)),
+                                    400, settings, body_file)
     assert sample.completed == 400 and sample.errors == 0
     assert sample.proxy_cpu is not None and sample.proxy_cpu.total_s > 0
     assert 0 <= sample.proxy_wait_s < sample.seconds and 0 <= sample.proxy_wait_share < 1
     assert sample.backend_wait_s == 0  # no request reached it: it slept throughout
     assert sample.backend_wait_share == 0
+    assert sample.backend_us_per_request < direct.backend_us_per_request  # (asyncio's loop) it served the second run
+    assert direct.completed == 400 and direct.errors == 0 and direct.proxy_cpu is None
+    assert 0 < direct.client_us_per_request < 1000
+
+
+def test_backend_cost_prints_each_event_loops_medians_and_rounds() -> None:
+    def run(backend_s: float) -> FixedRateSample:
+        return replace(fixed_rate_sample(2.0), client_cpu_s=0.3, dispatched=10_000, errors=1,
+                       backend_cpu=CpuUsage(user_s=backend_s, system_s=0.0))
+
+    lines = backend_cost.summarize({"uvloop": [run(0.25), run(0.2), run(0.3)], "asyncio": [run(0.35)]})
+    assert lines == ["uvloop   backends  25.0 µs/req (rounds: 25.0, 20.0, 30.0), client  30.0 µs/req, p99 2.00 ms, errors 3",
+                     "asyncio  backends  35.0 µs/req (rounds: 35.0), client  30.0 µs/req, p99 2.00 ms, errors 1"]
 
 
 @pytest.mark.usefixtures("openloop_client")
@@ -806,7 +824,26 @@ def test_the_tail_section_compares_cpu_per_request_at_the_fixed_rate_with_satura
     assert "| nginx | 3.00 | +1.00 | 100 | 50 | 2.0× | 5 % |" in report
     assert "outcomes and metrics off |" not in report.split("## What bounds the tail latency")[1].split("##")[0]
     assert "The hypervisor took 4.0 % of the machine's CPU time during the fixed-rate runs" in report
-    assert "hop 400 µs/req (busy 20 %), steal 4.0 %" in report
+    assert "hop 400 µs/req (busy 20 %), backends 30 µs/req, steal 4.0 %" in report
+
+
+def test_the_tail_section_counts_the_client_and_the_backends_per_request_dispatched_warm_up_included(
+        tmp_path: Path) -> None:
+    results = _results()
+    sample = results.fixed_rate["noop balancer"][0]
+    # 0.22 s of client CPU and 0.165 s of the backends' over 5,500 requests (5,000 measured + the warm-up's)
+    assert (sample.client_us_per_request, sample.backend_us_per_request) == (pytest.approx(40.0), pytest.approx(30.0))
+    report = render_report(results)
+    assert "client CPU 40 µs/req" in report
+    # cores: (40 + 30 + 400) µs per request at 500 req/s = 0.235; direct has no hop
+    assert "| balancer | 40 | 30 | 400 | 0.23 |" in report
+    assert "| direct | 40 | 30 | — | 0.04 |" in report
+    earlier = replace(sample, backend_cpu=None)  # a results file from before backends were measured at the rate
+    assert math.isnan(earlier.backend_us_per_request)
+    results.fixed_rate = {name: [replace(run, backend_cpu=None) for run in runs]
+                          for name, runs in results.fixed_rate.items()}
+    assert "| path | client µs/req | backends µs/req |" not in render_report(results)
+    assert saved_and_loaded(_results(), tmp_path).fixed_rate["noop balancer"][0].backend_cpu == sample.backend_cpu
 
 
 def test_a_verdict_stands_only_when_the_rounds_interval_is_on_one_side_of_the_goal() -> None:
