@@ -976,7 +976,58 @@ def _episodes_section(results: BenchResults) -> str:
         "| hop | each run's p99 ms | answers over the goal | of them in episodes | episodes | median episode ms "
         "| ran, whole runs | waited for a CPU, whole runs | ran, in episodes | waited, in episodes |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n" + "".join(rows) + _episodes_reading(results, hops, during)
+        + _episode_groups(results, hops, during)
     )
+
+
+def _episode_groups(results: BenchResults, hops: list[str], during: dict[str, tuple[float, float]]) -> str:
+    """Who had the two CPUs during the episodes and over whole runs: every sampled group's ran and waited shares."""
+    runs_by_hop = {hop: [run for run in results.tail_runs if run.hop == hop] for hop in hops}
+    if not any(run.groups for runs in runs_by_hop.values() for run in runs):
+        return ""  # a results file from before the other threads were sampled
+    names = [name for name in (*tail_episodes.GROUPS, tail_episodes.IDLE)
+             if any(name in run.groups for runs in runs_by_hop.values() for run in runs)]
+    rows = []
+    for hop, runs in runs_by_hop.items():
+        in_episodes = tail_episodes.group_episode_shares(runs)
+        whole = {name: (median([run.groups[name][0] for run in runs if name in run.groups]),
+                        median([run.groups[name][1] for run in runs if name in run.groups])) for name in names}
+        for label, shares, serving in (("in episodes", in_episodes, during[hop]),
+                                       ("whole runs", whole, (median([run.running for run in runs]),
+                                                              median([run.waiting for run in runs])))):
+            if math.isnan(serving[0]):
+                continue
+            cells = [f"{_share(serving[0])} / {_share(serving[1])}"]
+            for name in names:
+                running, waiting = shares.get(name, (math.nan, math.nan))
+                cells.append(_share(running) if name == tail_episodes.IDLE else f"{_share(running)} / {_share(waiting)}")
+            rows.append(f"| {hop}, {label} | " + " | ".join(cells) + " |\n")
+    header = " | ".join(("idle CPUs" if name == tail_episodes.IDLE else f"{name}: ran / waited") for name in names)
+    return (
+        "\nWho had the two CPUs meanwhile: the same samples, taken of every other thread the runs keep busy (the "
+        "hop's other threads and processes, both backends, the client, the kernel's `ksoftirqd` threads and the "
+        "harness's own, the sampler among them) and of the CPUs' idle time (`/proc/uptime`, both CPUs together, in "
+        "10 ms steps). Shares of the wall time, each group's threads summed: with two CPUs, what ran and the idle "
+        "time add up to at most 200 % (the rest ran other processes).\n\n"
+        f"| hop, stretch | serving thread: ran / waited | {header} |\n"
+        "|---|" + "---|" * (len(names) + 1) + "\n" + "".join(rows) + _idle_reading(results, hops[0], during)
+    )
+
+
+def _idle_reading(results: BenchResults, hop: str, during: dict[str, tuple[float, float]]) -> str:
+    """A sentence when the CPUs sat idle in the episodes while the serving thread waited for one."""
+    shares = tail_episodes.group_episode_shares([run for run in results.tail_runs if run.hop == hop])
+    idle, _ = shares.get(tail_episodes.IDLE, (math.nan, math.nan))
+    waiting = during[hop][1]
+    if math.isnan(idle) or math.isnan(waiting) or idle < 0.05 or waiting < 0.05:
+        return ""
+    others = sum(shares.get(name, (0.0, 0.0))[1] for name in tail_episodes.GROUPS)
+    return (f"\nIn the {hop}'s episodes the CPUs were idle {_share(idle)} of the time (out of 200 %) while, over the "
+            f"same stretches, its serving thread waited for a CPU {_share(waiting)} and the other threads sampled "
+            f"{_share(others)} between them. The slow answers there are not a shortage of CPU time: threads waited "
+            "for a CPU while, part of that time, one had nothing to run. Where a runnable thread runs is the "
+            "kernel's choice; what the balancer can set is its weight in that choice (`server.priority`) and how "
+            "many of its processes share the load (`server.workers`), both measured above.\n")
 
 
 def _episodes_reading(results: BenchResults, hops: list[str], during: dict[str, tuple[float, float]]) -> str:

@@ -72,7 +72,9 @@ def load(path: Path) -> BenchResults:
         fields["cold_start"] = [[_fixed_rate(sample) for sample in samples] for samples in fields.get("cold_start", [])]
         fields["same_core"] = {label: [_same_core_pair(pair) for pair in pairs]
                                for label, pairs in fields.get("same_core", {}).items()}
-        fields["tail_runs"] = [TailRun(**{**run, "episodes": [Episode(**episode) for episode in run["episodes"]]})
+        fields["tail_runs"] = [TailRun(**{**run, "groups": _shares(run.get("groups", {})),
+                                          "episodes": [Episode(**{**episode, "groups": _shares(episode.get("groups", {}))})
+                                                       for episode in run["episodes"]]})
                                for run in fields.get("tail_runs", [])]
         return BenchResults(**fields)
     except (KeyError, TypeError, ValueError) as exc:
@@ -83,6 +85,10 @@ def _encode(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"cannot write {type(value).__name__} to a bench results file")
+
+
+def _shares(groups: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    return {name: (running, waiting) for name, (running, waiting) in groups.items()}
 
 
 def _cpu(fields: dict[str, float] | None) -> CpuUsage | None:

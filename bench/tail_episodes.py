@@ -14,7 +14,9 @@ EPISODE_GAP_S apart, with at least EPISODE_MIN_REQUESTS of them: the hop falling
 unlucky request. For each, the serving thread's share of the wall time on a CPU and waiting for
 one, from EPISODE_LEAD_S before its first slow request to its last (the backlog builds before the
 first request turns slow). Running + waiting near 100 % means the thread always had work and
-was never blocked on anything but a CPU: the episode is CPU contention.
+was never blocked on anything but a CPU: the episode is CPU contention. The same samples are
+taken of everything else the run keeps busy (GROUPS: the hop's other threads and processes, the
+backends, the client), so an episode also says who had the two CPUs meanwhile.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import argparse
 import json
 import logging
 import math
+import os
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +48,11 @@ EPISODE_MIN_REQUESTS = 50
 EPISODE_LEAD_S = 0.02
 TRACE_HEADER = "# first dispatch at "
 SLOW_MS = 5.0  # the goal for the hop's added p99
+# sampled beside the serving thread: every other thread of the hop's processes (the balancer's store writer, nginx's
+# master), both backends' threads, the load generator's, the kernel's softirq threads (loopback TCP work the kernel
+# defers from a busy CPU runs there) and the harness's own (this sampler among them)
+GROUPS = ("hop's other threads", "backends", "client", "ksoftirqd", "harness")
+IDLE = "idle"  # also sampled: the CPUs' idle time (/proc/uptime, all CPUs together, in 10 ms steps), as "running"
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,8 @@ class Episode:
     requests: int  # slow requests in it
     running: float = math.nan  # share of the wall time the serving thread ran
     waiting: float = math.nan  # share it was runnable but waiting for a CPU
+    # GROUPS' (running, waiting) shares of the same wall time, summed over their threads (so up to 2.0 on 2 CPUs)
+    groups: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class TailRun:
     running: float  # the serving thread's shares over the whole run
     waiting: float
     episodes: list[Episode] = field(default_factory=list)
+    groups: dict[str, tuple[float, float]] = field(default_factory=dict)  # GROUPS' shares over the whole run
 
     @property
     def slow_in_episodes(self) -> float:
@@ -131,22 +142,51 @@ def shares(samples: Sequence[tuple[float, int, int]], start: float, end: float) 
 
 
 class ThreadSampler:
-    """Samples one thread's schedstat every SAMPLE_S in a background thread while it is used as a context."""
+    """Samples one thread's schedstat every SAMPLE_S in a background thread while it is used as a context, and
+    beside it `groups` of threads (name -> their schedstat files), each group's times summed over its threads.
 
-    def __init__(self, pid: int, tid: int) -> None:
+    The files are opened once and read again with `pread` at offset 0, which procfs answers afresh: a sample of
+    a dozen threads then costs the sampler a few microseconds each. A thread that ends keeps its last times.
+    """
+
+    def __init__(self, pid: int, tid: int, groups: Mapping[str, Sequence[Path]] | None = None, *,
+                 idle: bool = False) -> None:
         self.path = Path(f"/proc/{pid}/task/{tid}/schedstat")
         self.samples: list[tuple[float, int, int]] = []
+        self.idle = idle  # also sample the CPUs' idle time, as group IDLE
+        self.group_samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in groups or {}}
+        if idle:
+            self.group_samples[IDLE] = []
+        self._groups = {name: list(paths) for name, paths in (groups or {}).items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="schedstat-sampler", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran, waited, _ = self.path.read_text().split()
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                return
-            self.samples.append((time.time(), int(ran), int(waited)))
-            self._stop.wait(SAMPLE_S)
+        serving = _open(self.path)
+        if serving is None:
+            return
+        groups = {name: [fd for fd in map(_open, paths) if fd is not None] for name, paths in self._groups.items()}
+        uptime = _open(Path("/proc/uptime")) if self.idle else None
+        last: dict[int, tuple[int, int]] = {}
+        try:
+            while not self._stop.is_set():
+                times = _read(serving)
+                if times is None:
+                    return
+                now = time.time()
+                self.samples.append((now, *times))
+                for name, fds in groups.items():
+                    ran = waited = 0
+                    for fd in fds:
+                        last[fd] = _read(fd) or last.get(fd, (0, 0))
+                        ran, waited = ran + last[fd][0], waited + last[fd][1]
+                    self.group_samples[name].append((now, ran, waited))
+                if uptime is not None:
+                    self.group_samples[IDLE].append((now, round(float(os.pread(uptime, 64, 0).split()[1]) * 1e9), 0))
+                self._stop.wait(SAMPLE_S)
+        finally:
+            for fd in [serving, *(fd for fds in groups.values() for fd in fds), *([uptime] if uptime else [])]:
+                os.close(fd)
 
     def __enter__(self) -> ThreadSampler:
         self._thread.start()
@@ -155,6 +195,46 @@ class ThreadSampler:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _open(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _read(fd: int) -> tuple[int, int] | None:
+    """(ns run, ns waited) from an open schedstat file; None once its thread is gone."""
+    try:
+        ran, waited, _ = os.pread(fd, 128, 0).split()
+    except (OSError, ValueError):
+        return None
+    return int(ran), int(waited)
+
+
+def softirq_threads(proc: Path = Path("/proc")) -> list[int]:
+    """The pids of the kernel's per-CPU softirq threads (`ksoftirqd/N`)."""
+    pids = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("ksoftirqd/"):
+                    pids.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return sorted(pids)
+
+
+def thread_files(pids: Iterable[int]) -> list[Path]:
+    """The schedstat files of every thread of `pids` (those still there)."""
+    files = []
+    for pid in pids:
+        try:
+            files += [Path(f"/proc/{pid}/task/{tid}/schedstat") for tid in sorted(os.listdir(f"/proc/{pid}/task"))]
+        except FileNotFoundError:
+            continue
+    return files
 
 
 def serving_pid(target: Target) -> int:
@@ -171,25 +251,38 @@ def measure_run(target: Target, rate: float, settings: Settings, body_file: Path
     pid = serving_pid(target)
     command = openloop_command(target, rate, settings, body_file) + ["--trace", str(trace)]
     limit = settings.warmup_s + settings.fixed_rate_s + 30
-    with ThreadSampler(pid, pid) as sampler:
-        try:
-            completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
-    if completed.returncode != 0:
-        raise BenchError(f"bench.openloop exited with {completed.returncode}: {completed.stderr.strip()[-1500:]}")
+    hop_files = [path for path in thread_files(process_tree(target.proxy_pid or pid))
+                 if path != Path(f"/proc/{pid}/task/{pid}/schedstat")]
+    # the client's interpreter execs the compiled client: the same thread throughout
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as client:
+        groups = dict(zip(GROUPS, (hop_files, thread_files(target.backend_pids),
+                                   [Path(f"/proc/{client.pid}/task/{client.pid}/schedstat")],
+                                   thread_files(softirq_threads()), thread_files([os.getpid()]))))
+        with ThreadSampler(pid, pid, groups, idle=True) as sampler:
+            try:
+                stdout, stderr = client.communicate(timeout=limit)
+            except subprocess.TimeoutExpired as exc:
+                client.kill()
+                raise BenchError(f"bench.openloop did not finish within {limit:g}s: {' '.join(command)}") from exc
+    if client.returncode != 0:
+        raise BenchError(f"bench.openloop exited with {client.returncode}: {stderr.strip()[-1500:]}")
     first, offsets, latencies = read_trace(trace)
     if not offsets:
         raise BenchError(f"{target.name}: no answers in the run's trace")
+
+    def measured(start: float, end: float) -> tuple[float, float, dict[str, tuple[float, float]]]:
+        running, waiting = shares(sampler.samples, start, end)
+        return running, waiting, {name: shares(samples, start, end) for name, samples in sampler.group_samples.items()}
+
     episodes = []
     for episode in find_episodes(offsets, latencies, slow_ms):
-        running, waiting = shares(sampler.samples, first + episode.start_s - EPISODE_LEAD_S, first + episode.end_s)
-        episodes.append(replace(episode, running=running, waiting=waiting))
-    running, waiting = shares(sampler.samples, first, first + offsets[-1])
-    p99 = json.loads(completed.stdout.strip().splitlines()[-1])["latency_ms"]["p99"]
+        running, waiting, during = measured(first + episode.start_s - EPISODE_LEAD_S, first + episode.end_s)
+        episodes.append(replace(episode, running=running, waiting=waiting, groups=during))
+    running, waiting, whole = measured(first, first + offsets[-1])
+    p99 = json.loads(stdout.strip().splitlines()[-1])["latency_ms"]["p99"]
     return TailRun(hop=target.name, rate=rate, requests=len(latencies), p99_ms=math.nan if p99 is None else p99,
                    slow=sum(latency > slow_ms for latency in latencies), slow_ms=slow_ms, running=running,
-                   waiting=waiting, episodes=episodes)
+                   waiting=waiting, episodes=episodes, groups=whole)
 
 
 def measure(targets: Sequence[Target], rate: float, rounds: int, settings: Settings, body_file: Path,
@@ -216,12 +309,31 @@ def episode_shares(runs: Sequence[TailRun]) -> tuple[float, float]:
             sum(length * waiting for length, _, waiting in weighted) / total)
 
 
+def group_episode_shares(runs: Sequence[TailRun]) -> dict[str, tuple[float, float]]:
+    """GROUPS' (running, waiting) shares over all the runs' episodes, weighted by length as `episode_shares`;
+    groups not sampled in any episode are left out."""
+    weighted: dict[str, list[tuple[float, float, float]]] = {}
+    for episode in (episode for run in runs for episode in run.episodes):
+        for name, (running, waiting) in episode.groups.items():
+            if not math.isnan(running):
+                weighted.setdefault(name, []).append(
+                    (episode.end_s - episode.start_s + EPISODE_LEAD_S, running, waiting))
+    measured = {}
+    for name, rows in weighted.items():
+        total = sum(length for length, _, _ in rows)
+        measured[name] = (sum(length * running for length, running, _ in rows) / total,
+                          sum(length * waiting for length, _, waiting in rows) / total)
+    return measured
+
+
 def describe(run: TailRun) -> str:
     """One line about a run."""
     episodes = "; ".join(f"{1000 * (episode.end_s - episode.start_s):.0f} ms, {episode.requests} slow, ran "
                          f"{episode.running:.0%} waited {episode.waiting:.0%}" for episode in run.episodes)
+    during = group_episode_shares([run])
+    others = "; ".join(f"{name} ran {running:.0%} waited {waiting:.0%}" for name, (running, waiting) in during.items())
     return (f"p99 {run.p99_ms:.2f} ms, {run.slow} over {run.slow_ms:g} ms, ran {run.running:.0%} waited "
-            f"{run.waiting:.0%}; episodes: {episodes or 'none'}")
+            f"{run.waiting:.0%}; episodes: {episodes or 'none'}" + (f"; in them {others}" if others else ""))
 
 
 def start_hops(stack: Stack) -> list[Target]:

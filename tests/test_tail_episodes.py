@@ -90,6 +90,58 @@ def test_the_sampler_reads_a_threads_run_and_wait_times() -> None:
     assert ran[-1] - ran[0] > 0.05e9  # it ran for a good part of the 0.2 s (two CPUs, shared)
 
 
+def test_the_sampler_sums_each_groups_threads_and_reads_the_idle_time() -> None:
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)"],
+                               stdout=subprocess.PIPE)
+    try:
+        assert sleeper.stdout is not None and sleeper.stdout.readline() == b"\n"  # started: asleep from now on
+        groups = {"spinners": tail_episodes.thread_files(spinner.pid for spinner in spinners),
+                  "sleeper": tail_episodes.thread_files([sleeper.pid]), "gone": [Path("/proc/0/task/0/schedstat")]}
+        assert len(groups["spinners"]) == 2
+        with ThreadSampler(sleeper.pid, sleeper.pid, groups, idle=True) as sampler:
+            time.sleep(0.2)
+            spinners[1].kill()  # a thread that ends keeps its last times
+            spinners[1].wait()
+            time.sleep(0.1)
+    finally:
+        for process in (*spinners, sleeper):
+            process.kill()
+            process.wait()
+    samples = sampler.group_samples
+    assert set(samples) == {"spinners", "sleeper", "gone", tail_episodes.IDLE}
+    assert all(len(series) == len(sampler.samples) for series in samples.values())
+    times, ran, waited = zip(*samples["spinners"])
+    assert list(ran) == sorted(ran) and list(waited) == sorted(waited)
+    running, _ = shares(samples["spinners"], times[0], times[-1])
+    assert running > 0.6  # two spinners on two shared CPUs for most of the 0.3 s, one of them for 0.2 s
+    assert shares(samples["sleeper"], times[0], times[-1]) == (pytest.approx(0.0, abs=0.01), pytest.approx(0.0, abs=0.01))
+    assert shares(samples["gone"], times[0], times[-1]) == (0.0, 0.0)  # nothing to read: no time
+    idle = [sample[1] for sample in samples[tail_episodes.IDLE]]
+    assert idle == sorted(idle) and idle[-1] > 1e9  # /proc/uptime's idle seconds since boot, in ns
+
+
+def test_softirq_threads_are_found_by_name(tmp_path: Path) -> None:
+    for pid, comm in ((14, "ksoftirqd/0\n"), (22, "ksoftirqd/1\n"), (300, "python\n")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "comm").write_text(comm)
+    (tmp_path / "self").mkdir()
+    assert tail_episodes.softirq_threads(tmp_path) == [14, 22]
+    assert tail_episodes.softirq_threads()  # this machine's
+
+
+def test_group_shares_weigh_each_episode_by_its_length() -> None:
+    short = Episode(0.0, 0.02, 50, running=0.5, waiting=0.4, groups={"backends": (0.2, 0.1), tail_episodes.IDLE: (0.5, 0.0)})
+    long = Episode(1.0, 1.14, 500, running=0.5, waiting=0.4, groups={"backends": (0.6, 0.3)})  # 160 ms with the lead
+    unsampled = Episode(2.0, 2.1, 60, groups={"backends": (math.nan, math.nan)})
+    runs = [TailRun(hop="noop balancer", rate=1.0, requests=100, p99_ms=9.0, slow=700, slow_ms=5.0, running=0.5,
+                    waiting=0.2, episodes=[short, long, unsampled])]
+    measured = tail_episodes.group_episode_shares(runs)
+    assert measured["backends"] == (pytest.approx((0.04 * 0.2 + 0.16 * 0.6) / 0.2), pytest.approx((0.04 * 0.1 + 0.16 * 0.3) / 0.2))
+    assert measured[tail_episodes.IDLE] == (0.5, 0.0)  # only the episode that had it
+    assert tail_episodes.group_episode_shares([]) == {}
+
+
 def test_the_trace_says_when_its_first_answer_was_dispatched(tmp_path: Path) -> None:
     trace = tmp_path / "trace.txt"
     trace.write_text("# first dispatch at 1765000000.250000\n0.000000 0.412\n0.000500 6.100\n")
@@ -112,6 +164,7 @@ def test_the_report_reads_the_episodes_and_says_when_they_are_cpu_contention(tmp
         assert "| noop balancer | 8.1 | 2.0 % | 88.9 % | 2 | 30 | 58.0 % | 16.0 % | 59.2 % | 37.0 % |" in report
         assert "| noop nginx | 1.2 | 0.0 % | 0.0 % | 0 | n/a | 48.0 % | 14.0 % | n/a | n/a |" in report
         assert "running or runnable 96.2 % of the time, so it always had work" in report
+        assert "Who had the two CPUs meanwhile" not in report  # runs from before the other threads were sampled
     results.tail_runs[0] = TailRun(**{**results.tail_runs[0].__dict__, "episodes": [
         Episode(1.0, 1.04, 500, running=0.3, waiting=0.2)]})
     assert "running or runnable only 50.0 % of the time, so something other than" in render_report(results)
@@ -125,3 +178,30 @@ def test_the_serving_thread_of_nginx_is_its_worker(monkeypatch: pytest.MonkeyPat
     nginx = Target(name="noop nginx", kind="noop", hop="nginx", url="u", proxy_pid=10)
     balancer = Target(name="noop balancer", kind="noop", hop="balancer", url="u", proxy_pid=20)
     assert (tail_episodes.serving_pid(nginx), tail_episodes.serving_pid(balancer)) == (11, 20)
+
+
+def test_the_report_says_who_had_the_cpus_and_when_one_sat_idle_while_the_hop_waited(tmp_path: Path) -> None:
+    results = _results()
+    groups = {"hop's other threads": (0.05, 0.1), "backends": (0.35, 0.3), "client": (0.4, 0.15), "ksoftirqd": (0.0, 0.0),
+              "harness": (0.01, 0.0), tail_episodes.IDLE: (0.3, 0.0)}
+    whole = {**groups, tail_episodes.IDLE: (0.5, 0.0), "backends": (0.3, 0.2)}
+    results.tail_runs = [
+        TailRun(hop="noop balancer", rate=17000.0, requests=68_000, p99_ms=12.0, slow=900, slow_ms=5.0, running=0.6,
+                waiting=0.18, groups=whole, episodes=[Episode(1.0, 1.06, 900, running=0.56, waiting=0.4, groups=groups)]),
+        TailRun(hop="noop nginx", rate=17000.0, requests=68_000, p99_ms=1.5, slow=0, slow_ms=5.0, running=0.55,
+                waiting=0.15, groups=whole),
+    ]
+    for loaded in (results, saved_and_loaded(results, tmp_path)):
+        report = render_report(loaded)
+        assert ("| hop, stretch | serving thread: ran / waited | hop's other threads: ran / waited | backends: ran / "
+                "waited | client: ran / waited | ksoftirqd: ran / waited | harness: ran / waited | idle CPUs |") in report
+        assert ("| noop balancer, in episodes | 56.0 % / 40.0 % | 5.0 % / 10.0 % | 35.0 % / 30.0 % | 40.0 % / 15.0 % "
+                "| 0.0 % / 0.0 % | 1.0 % / 0.0 % | 30.0 % |") in report
+        assert "| noop balancer, whole runs | 60.0 % / 18.0 % | 5.0 % / 10.0 % | 30.0 % / 20.0 % |" in report
+        assert "| noop nginx, in episodes" not in report  # it had none
+        assert "| noop nginx, whole runs | 55.0 % / 15.0 % |" in report
+        assert ("In the noop balancer's episodes the CPUs were idle 30.0 % of the time (out of 200 %) while, over the "
+                "same stretches, its serving thread waited for a CPU 40.0 % and the other threads sampled 55.0 % "
+                "between them.") in report
+    results.tail_runs[0].episodes[0].groups[tail_episodes.IDLE] = (0.01, 0.0)  # no idle CPU: no such sentence
+    assert "were idle" not in render_report(results)
