@@ -139,7 +139,7 @@ def run(settings: Settings, *, quick: bool, profile: bool, keep: bool) -> BenchR
             rates = {target.kind: median([s.requests_per_second for s in saturation[target.name]]) / 2
                      for target in latency_targets if target.name == f"{target.kind} balancer"}
             fixed_rate = interleaved(
-                latency_targets, settings.rounds,
+                latency_targets, settings.fixed_rate_rounds,
                 lambda target: measure_fixed_rate(target, rates[target.kind], settings, body_file),
                 pause_s=settings.pause_s, what="fixed rate")
             # on a CPU of its own nothing competes with the hop: a priority changes nothing there

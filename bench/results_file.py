@@ -53,7 +53,8 @@ def load(path: Path) -> BenchResults:
         raise BenchError(f"{path} holds bench results of format {found!r}; this harness reads format {FORMAT}")
     fields = dict(document["results"])
     try:
-        fields["settings"] = Settings(**fields["settings"])
+        # files from before fixed_rate_rounds ran the fixed-rate runs in as many rounds as the others
+        fields["settings"] = Settings(**{"fixed_rate_rounds": fields["settings"]["rounds"], **fields["settings"]})
         fields["targets"] = [_target(target) for target in fields["targets"]]
         fields["saturation"] = {name: [_saturation(sample) for sample in samples]
                                 for name, samples in fields["saturation"].items()}

@@ -56,7 +56,7 @@ from bench.procstat import (
 from bench.loop_stalls import WRITERS, Stalls
 from bench.profile import Profile, parse_collapsed
 from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
-from bench.runs import (QUICK, FixedRateSample, SaturationSample, measure_fixed_rate, openloop_command, paired_samples,
+from bench.runs import (FULL, QUICK, FixedRateSample, SaturationSample, measure_fixed_rate, openloop_command, paired_samples,
                         throughput_ratio)
 from bench.stack import (ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, BalancerOptions, Target,
                          balancer_yaml)
@@ -854,6 +854,9 @@ def test_a_verdict_stands_only_when_the_rounds_interval_is_on_one_side_of_the_go
     assert (straddling.met, straddling.established, straddling.verdict) == (True, False, "met, not established")
     missed = Check("share of direct", "noop", 20.0, 50.0, "%", False, (18.0, 20.0, 22.0, 21.0, 19.0))
     assert (missed.verdict, missed.shortfall) == ("missed", "30 points short")
+    eight = Check("added p99", "noop", 3.0, 5.0, "ms", True, (2.0, 3.0, 40.0, 2.5, 3.5, 4.0, 3.2, 2.8))
+    assert eight.interval == (2.5, 4.0)  # with 8 rounds (the fixed-rate runs'): one outlier on each side left out
+    assert (eight.met, eight.established, eight.verdict) == (True, True, "met")
     few = Check("added p99", "noop", 3.0, 5.0, "ms", True, (2.0, 9.0))
     assert (few.interval, few.verdict) == (None, "met")  # too few rounds to weigh: the median decides
     assert Check("x", "noop", math.nan, 5.0, "ms", True).verdict == "not measured"
@@ -1203,3 +1206,18 @@ def test_a_layer_below_zero_is_explained_as_noise_and_only_then() -> None:
     assert "A layer below zero is not a saving" in _negative_layer_sentence(46.0, 40.0, 41.0)  # the floor above lean
     assert "A layer below zero is not a saving" in _negative_layer_sentence(30.0, 40.0, 39.0)  # lean above default
     assert _negative_layer_sentence(30.0, 35.0, 40.0) == ""
+
+
+def test_the_fixed_rate_rounds_are_named_and_files_from_before_them_ran_as_many_as_the_others(tmp_path: Path) -> None:
+    results = _results()
+    results.settings = FULL
+    report = render_report(results)
+    assert "5 interleaved rounds (8 for the fixed-rate runs of the tables by backend kind), every figure" in report
+    assert "Saturation rounds first, then 8 fixed-rate\n  rounds." in report
+    path = tmp_path / "BENCHMARKS.json"
+    results_file.save(results, path)
+    document = json.loads(path.read_text())
+    del document["results"]["settings"]["fixed_rate_rounds"]
+    path.write_text(json.dumps(document))
+    assert results_file.load(path).settings == replace(FULL, fixed_rate_rounds=5)
+    assert "5 interleaved rounds, every figure" in render_report(results_file.load(path))
