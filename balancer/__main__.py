@@ -9,6 +9,19 @@ import sys
 from pathlib import Path
 
 
+def _workers(text: str) -> int:
+    """--workers: a whole number, or auto."""
+    from balancer.config import AUTO_WORKERS, parse_workers
+
+    value = parse_workers(text)
+    if isinstance(value, int):
+        return value
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, or {AUTO_WORKERS}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from balancer.app import ServeOptions, serve
 
@@ -57,8 +70,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--store", help="SQLite outcome store (default var/outcomes.db)")
     serve.add_argument("--admin-token", help="bearer token for admin endpoints (or env BALANCER_ADMIN_TOKEN)")
     serve.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight requests on stop")
-    serve.add_argument("--workers", type=int, help="processes serving the public port (default: the file's "
-                       "server.workers, 1); more than one: a supervisor process runs them")
+    serve.add_argument("--workers", type=_workers, help="processes serving the public port, or auto: one per CPU "
+                       "(default: the file's server.workers, 1); more than one: a supervisor process runs them")
     serve.add_argument("--priority", type=int, metavar="NICENESS", help="the balancer's niceness, -20 to 19 "
                        "(default: the file's server.priority; none: as started); below 0 needs CAP_SYS_NICE")
     serve.add_argument("--worker-socket", help=argparse.SUPPRESS)  # set by the supervisor for its workers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -84,6 +85,38 @@ class UpstreamSettings(_Frozen):
 
 MAX_WORKERS = 64
 MIN_NICENESS, MAX_NICENESS = -20, 19  # server.priority: the range of a Linux niceness
+AUTO_WORKERS = "auto"  # server.workers / --workers: one per CPU this process may use (`available_cpus`)
+
+
+def available_cpus(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask, lowered by the CPU quota (cgroup v2 `cpu.max`, as
+    `docker run --cpus` sets it) of its cgroup or any cgroup above it, rounded up; at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        # "0::/system.slice/x.scope" (cgroup v2); a container sees its own cgroup as "/"
+        relative = next(line[3:] for line in (proc / "self" / "cgroup").read_text().splitlines()
+                        if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return max(1, cpus)
+    folder = cgroups / relative.strip().lstrip("/")
+    for level in (folder, *folder.parents):
+        if not level.is_relative_to(cgroups):
+            break
+        try:
+            quota, period = (level / "cpu.max").read_text().split()
+            if quota != "max":
+                cpus = min(cpus, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError):
+            continue
+    return max(1, cpus)
+
+
+def parse_workers(value: object) -> object:
+    """`auto` as the number of worker processes it stands for (`available_cpus`, at most MAX_WORKERS); other
+    values as given, for the field's own checks."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_WORKERS:
+        return min(available_cpus(), MAX_WORKERS)
+    return value
 
 
 class ServerSettings(_Frozen):
@@ -110,8 +143,17 @@ class ServerSettings(_Frozen):
     max_in_flight: Annotated[int, Field(ge=1)] = 1024  # per worker process
     # Processes serving the public port (SO_REUSEPORT: the kernel spreads connections over them). With
     # more than one, a supervisor process serves the admin port, watches the file and restarts workers.
+    # "auto": one per CPU the balancer may use (its affinity and cgroup CPU quota), resolved at load.
     workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        value = parse_workers(value)
+        if isinstance(value, str):
+            raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS}, or "{AUTO_WORKERS}" (one per CPU)')
+        return value
     # A client that sent its headers has this long to send the rest of its body (408 after).
     client_body_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     # Idle keep-alive (and half-sent request headers) on the public port are closed after this.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 
 import pytest
 
-from balancer.config import ConfigError, load_experiment, parse_experiment
+from balancer import config
+from balancer.config import ConfigError, available_cpus, load_experiment, parse_experiment
 
 VALID = """\
 name: exp
@@ -56,6 +59,9 @@ def test_shipped_experiments_are_valid() -> None:
         ("seed: 42", "seed: 42\nupstream: {try_timeout_s: 10, total_timeout_s: 5}", "total_timeout_s = 5.0 must be >= try_timeout_s = 10.0"),
         ("seed: 42", "seed: 42\nanalysis: {alpha: 2}", "analysis.alpha = 2: Input should be less than 0.5"),
         ("weight: 50\n    upstreams: [\"http://127.0.0.1:8002\"]", "weight: .nan\n    upstreams: [\"http://127.0.0.1:8002\"]", "variants[1].weight = nan"),
+        ("seed: 42", "seed: 42\nserver: {workers: many}",
+         "exp.yaml:5: server.workers = 'many': must be a whole number from 1 to 64, or \"auto\" (one per CPU)"),
+        ("seed: 42", "seed: 42\nserver: {workers: 0}", "server.workers = 0: Input should be greater than or equal to 1"),
     ],
 )
 def test_errors_name_file_line_key_and_value(old: str, new: str, expected: str | None) -> None:
@@ -110,3 +116,56 @@ def test_a_failing_item_does_not_also_report_its_list_as_short() -> None:
     with pytest.raises(ConfigError) as error:
         parse_experiment(body, source="exp.yaml")
     assert str(error.value).count("\n") == 0
+
+
+def test_workers_auto_is_one_per_cpu_the_balancer_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "available_cpus", lambda: 3)
+    loaded = parse_experiment(VALID + "server: {workers: auto}\n", source="exp.yaml")
+    assert loaded.experiment.server.workers == 3
+    assert parse_experiment(VALID + "server: {workers: Auto}\n", source="exp.yaml").experiment.server.workers == 3
+    monkeypatch.setattr(config, "available_cpus", lambda: 500)
+    assert parse_experiment(VALID + "server: {workers: auto}\n", source="exp.yaml").experiment.server.workers == 64
+
+
+def _cgroups(tmp_path: Path, membership: str, limits: dict[str, str]) -> tuple[Path, Path]:
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(membership)
+    for folder, limit in limits.items():
+        (cgroups / folder).mkdir(parents=True, exist_ok=True)
+        (cgroups / folder / "cpu.max").write_text(limit)
+    return proc, cgroups
+
+
+def test_available_cpus_take_the_lowest_cpu_quota_above_the_process(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    # a service limited to 2.5 CPUs inside a slice limited to 6: 3 (rounded up)
+    proc, cgroups = _cgroups(tmp_path, "0::/system.slice/app.service\n",
+                             {"system.slice": "600000 100000\n", "system.slice/app.service": "250000 100000\n"})
+    assert available_cpus(proc, cgroups) == 3
+    # no quota anywhere ("max"): the affinity mask
+    proc, cgroups = _cgroups(tmp_path / "b", "0::/user.slice\n", {"user.slice": "max 100000\n"})
+    assert available_cpus(proc, cgroups) == 8
+    # a container: its own cgroup is "/", with a quota of half a CPU: 1
+    proc, cgroups = _cgroups(tmp_path / "c", "0::/\n", {"": "50000 100000\n"})
+    assert available_cpus(proc, cgroups) == 1
+    # cgroup v1 only (no "0::" line), or no /proc: the affinity mask
+    proc, cgroups = _cgroups(tmp_path / "d", "4:cpu,cpuacct:/x\n", {})
+    assert available_cpus(proc, cgroups) == 8
+    assert available_cpus(tmp_path / "nowhere", cgroups) == 8
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {1})
+    assert available_cpus(proc, cgroups) == 1
+
+
+def test_available_cpus_on_this_machine_are_within_its_cpu_count() -> None:
+    assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+
+
+def test_the_workers_flag_takes_a_number_or_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from balancer.__main__ import _workers
+
+    monkeypatch.setattr(config, "available_cpus", lambda: 5)
+    assert (_workers("auto"), _workers("AUTO"), _workers("2"), _workers("0")) == (5, 5, 2, 0)  # 0: refused at start
+    with pytest.raises(argparse.ArgumentTypeError, match="'two': a whole number, or auto"):
+        _workers("two")

@@ -198,6 +198,9 @@ def test_a_worker_count_out_of_range_is_refused(tmp_path: Path) -> None:
     completed = subprocess.run([sys.executable, "-m", "balancer", "serve", "--config", str(config), "--workers", "65"],
                                cwd=REPO, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2 and "--workers 65: must be between 1 and 64" in completed.stderr
+    completed = subprocess.run([sys.executable, "-m", "balancer", "serve", "--config", str(config), "--workers", "many"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and "--workers: 'many': a whole number, or auto" in completed.stderr
 
 
 def alive(pid: int) -> bool:
