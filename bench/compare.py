@@ -2,12 +2,13 @@
 
     python -m bench.compare --base 2b94d0d [--method same-core|back-to-back|latency] [--pairs 8] [--seconds 4]
                             [--rate 12000] [--cores pinned|shared] [--configuration default] [--priority -5]
+                            [--backends noop|model]
 
 Does a change help? `make bench` measures one tree; its figures move by tens of per cent
 between runs on a shared machine, more than most changes are worth. This checks `--base` out
 into a temporary git worktree (compiling its request path there when it has
-`scripts/build_native.py`, as `make native` does here), starts two no-op backends and, in front
-of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, uvloop), then:
+`scripts/build_native.py`, as `make native` does here), starts two no-op backends (`--backends
+model`: the real model servers) and, in front of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, uvloop), then:
 
 - `same-core` (the default): both balancers at once, their processes (store writers included)
   pinned to one CPU, each loaded by its own wrk from the other CPUs (`bench/same_core.py`). Each
@@ -48,7 +49,7 @@ from bench.procstat import split_cpus
 from bench.runs import (FULL, FixedRateSample, measure_fixed_rate, measure_saturation, paired_samples,
                         throughput_ratio)
 from bench.same_core import CONFIGURATIONS, measure_pairs
-from bench.stack import BalancerOptions, Stack, scratch_folder
+from bench.stack import KINDS, BalancerOptions, Stack, scratch_folder
 from bench.tools import ensure_tools
 from tests.processes import REPO, artifacts_dir
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the commit to compare against (anything git rev-parse takes)")
     parser.add_argument("--method", choices=("same-core", "back-to-back", "latency"), default="same-core")
+    parser.add_argument("--backends", choices=KINDS, default="noop",
+                        help="what the balancers proxy to: the no-op backends or the real model servers")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each run")
     parser.add_argument("--rate", type=float, default=12000.0, help="requests/s of the latency method's runs")
@@ -101,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             base = checkout(args.base, folder)
             with Stack(folder, nginx=tools["nginx"], artifacts=artifacts_dir()) as stack:
                 body_file = stack.body_file
-                upstreams, backend_pids = stack.backends("noop")
-                this = stack.balancer("noop", replace(CONFIGURATIONS[args.configuration], priority=args.priority),
-                                      upstreams, backend_pids)
-                other = stack.balancer("noop", BalancerOptions(BASE_LABEL), upstreams, backend_pids, source=base)
+                upstreams, backend_pids = stack.backends(args.backends)
+                this = stack.balancer(args.backends, replace(CONFIGURATIONS[args.configuration],
+                                                             priority=args.priority), upstreams, backend_pids)
+                other = stack.balancer(args.backends, BalancerOptions(BASE_LABEL), upstreams, backend_pids,
+                                       source=base)
                 stack.ready()
                 if args.method == "same-core":
                     together = partial(measure_pairs, this, other, settings=settings, body_file=body_file,

@@ -1019,15 +1019,26 @@ def _episode_groups(results: BenchResults, hops: list[str], during: dict[str, tu
     )
 
 
+IDLE_WORTH_NOTING = 0.05  # idle CPU time in episodes (out of 100 % per CPU) from which the report points it out
+
+
+def _idle_in_episodes(results: BenchResults, hop: str) -> float:
+    """The CPUs' idle share in `hop`'s episodes (NaN when not sampled)."""
+    shares = tail_episodes.group_episode_shares([run for run in results.tail_runs if run.hop == hop])
+    return shares.get(tail_episodes.IDLE, (math.nan, math.nan))[0]
+
+
 def _idle_reading(results: BenchResults, hop: str, during: dict[str, tuple[float, float]]) -> str:
     """A sentence when the CPUs sat idle in the episodes while the serving thread waited for one."""
-    shares = tail_episodes.group_episode_shares([run for run in results.tail_runs if run.hop == hop])
-    idle, _ = shares.get(tail_episodes.IDLE, (math.nan, math.nan))
-    waiting = during[hop][1]
-    if math.isnan(idle) or math.isnan(waiting) or idle < 0.05 or waiting < 0.05:
+    runs = [run for run in results.tail_runs if run.hop == hop]
+    shares = tail_episodes.group_episode_shares(runs)
+    idle, waiting = _idle_in_episodes(results, hop), during[hop][1]
+    if math.isnan(idle) or math.isnan(waiting) or idle < IDLE_WORTH_NOTING or waiting < IDLE_WORTH_NOTING:
         return ""
     others = sum(shares.get(name, (0.0, 0.0))[1] for name in tail_episodes.GROUPS)
-    return (f"\nIn the {hop}'s episodes the CPUs were idle {_share(idle)} of the time (out of 200 %) while, over the "
+    whole = median([run.groups[tail_episodes.IDLE][0] for run in runs if tail_episodes.IDLE in run.groups])
+    return (f"\nIn the {hop}'s episodes the CPUs were idle {_share(idle)} of the time (out of 200 %; "
+            f"{_share(whole)} over whole runs) while, over the "
             f"same stretches, its serving thread waited for a CPU {_share(waiting)} and the other threads sampled "
             f"{_share(others)} between them. The slow answers there are not a shortage of CPU time: threads waited "
             "for a CPU while, part of that time, one had nothing to run. Where a runnable thread runs is the "
@@ -1046,7 +1057,10 @@ def _episodes_reading(results: BenchResults, hops: list[str], during: dict[str, 
     whole_waiting = median([run.waiting for run in runs])
     text = (f"\nIn its episodes the {hop}'s serving thread ran {_share(running)} of the time and waited for a CPU "
             f"{_share(waiting)}, against {_share(whole_running)} and {_share(whole_waiting)} over whole runs")
-    if running + waiting >= 0.9:
+    if running + waiting >= 0.9 and _idle_in_episodes(results, hop) >= IDLE_WORTH_NOTING:
+        text += (f": running or runnable {_share(running + waiting)} of the time, so it always had work and was "
+                 "blocked on nothing but a CPU; who had the CPUs meanwhile is below.")
+    elif running + waiting >= 0.9:
         text += (f": running or runnable {_share(running + waiting)} of the time, so it always had work and was "
                  "blocked on nothing but a CPU. Those slow answers come from CPU contention: requests waited in the "
                  "hop while it waited for a core that the load generator and the backends were using.")

@@ -200,8 +200,13 @@ def test_the_report_says_who_had_the_cpus_and_when_one_sat_idle_while_the_hop_wa
         assert "| noop balancer, whole runs | 60.0 % / 18.0 % | 5.0 % / 10.0 % | 30.0 % / 20.0 % |" in report
         assert "| noop nginx, in episodes" not in report  # it had none
         assert "| noop nginx, whole runs | 55.0 % / 15.0 % |" in report
-        assert ("In the noop balancer's episodes the CPUs were idle 30.0 % of the time (out of 200 %) while, over the "
-                "same stretches, its serving thread waited for a CPU 40.0 % and the other threads sampled 55.0 % "
-                "between them.") in report
+        assert ("In the noop balancer's episodes the CPUs were idle 30.0 % of the time (out of 200 %; 50.0 % over "
+                "whole runs) while, over the same stretches, its serving thread waited for a CPU 40.0 % and the "
+                "other threads sampled 55.0 % between them.") in report
+        # the serving thread was runnable 96 % of its episodes: not contention with busy CPUs, since one sat idle
+        assert "blocked on nothing but a CPU; who had the CPUs meanwhile is below." in report
+        assert "a core that the load generator and the backends were using" not in report
     results.tail_runs[0].episodes[0].groups[tail_episodes.IDLE] = (0.01, 0.0)  # no idle CPU: no such sentence
-    assert "were idle" not in render_report(results)
+    report = render_report(results)
+    assert "were idle" not in report
+    assert "a core that the load generator and the backends were using" in report
