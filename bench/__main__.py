@@ -32,7 +32,9 @@ from bench.nginx import nginx_command
 from bench.perf_profile import record as record_perf
 from bench.procstat import split_cpus
 from bench.profile import record_profile
-from bench.report import BenchResults, evaluate_targets, render_report
+from bench.report import render_report
+from bench.results import BenchResults
+from bench.targets import evaluate_targets
 from bench.results_file import load as load_results
 from bench.results_file import save as save_results
 from bench.runs import (

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from balancer import native
 from bench.errors import BenchError
-from bench.report import CONFIDENCE, median_interval
+from bench.targets import CONFIDENCE, median_interval
 from bench.procstat import split_cpus
 from bench.runs import (FULL, FixedRateSample, measure_fixed_rate, measure_saturation, paired_samples,
                         throughput_ratio)

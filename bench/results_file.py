@@ -23,7 +23,7 @@ from bench.loop_stalls import Stalls
 from bench.perf_profile import PerfProfile
 from bench.procstat import CpuUsage
 from bench.profile import Profile
-from bench.report import BenchResults
+from bench.results import BenchResults
 from bench.runs import FixedRateSample, SaturationSample, Settings
 from bench.same_core import CoreShare, SameCorePair
 from bench.stack import Target

@@ -161,7 +161,7 @@ def _load_together(order: Sequence[Target], trees: dict[str, list[int]], *, sett
 
 def summarize(pairs: Sequence[SameCorePair], first: str, second: str) -> str:
     """The pairs' median cost, its range and, from 5 pairs on, its interval."""
-    from bench.report import CONFIDENCE, median_interval  # here: bench.report imports this module
+    from bench.targets import CONFIDENCE, median_interval  # here: bench.results imports this module
 
     costs = [100 * pair.cost for pair in pairs]
     text = (f"{first} against {second}, same core: median cost {statistics.median(costs):.1f} % over {len(costs)} "

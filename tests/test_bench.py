@@ -55,7 +55,10 @@ from bench.procstat import (
 )
 from bench.loop_stalls import WRITERS, Stalls
 from bench.profile import Profile, parse_collapsed
-from bench.report import BenchResults, Check, evaluate_targets, render_report, steal_correlation
+from bench.report import render_report
+from bench.report_tail import steal_correlation
+from bench.results import BenchResults
+from bench.targets import Check, evaluate_targets
 from bench.runs import (FULL, QUICK, FixedRateSample, SaturationSample, measure_fixed_rate, openloop_command, paired_samples,
                         throughput_ratio)
 from bench.stack import (ASYNCIO_LABEL, FEATURE_CONFIGURATIONS, INTERPRETED_LABEL, BalancerOptions, Target,
@@ -330,9 +333,9 @@ def test_the_steal_adjusted_logging_cost_is_its_own_target_row_beside_the_raw_on
     # quartiles (exclusive method) of the raw costs -20 3 4 5 7 20: -2.75 and 10.25; adjusted 3 4 5 7 20 20: 3.75 and 20
     assert ("the same pairs give **6.0 %**, ranging from 3.0 % to 20.0 % (interquartile range 16.2 points, against "
             "13.0 unadjusted: steal explains little of the spread between pairs).") in report
-    from bench.report import _spread_comparison
-    assert _spread_comparison([0, 10, 20, 30, 40], [14, 18, 20, 22, 26]).endswith("steal explains part of the spread between pairs)")
-    assert _spread_comparison([0, 10, 20], [10, 10, 10]) == ""
+    from bench.report_bounds import spread_comparison
+    assert spread_comparison([0, 10, 20, 30, 40], [14, 18, 20, 22, 26]).endswith("steal explains part of the spread between pairs)")
+    assert spread_comparison([0, 10, 20], [10, 10, 10]) == ""
     results.cost_steal = []  # a run from before steal was recorded: no adjusted row
     assert not any("steal-adjusted" in check.goal for check in evaluate_targets(results))
     assert "during these runs (steal" not in render_report(results)
@@ -419,15 +422,15 @@ def test_throughput_against_direct_is_split_into_cpu_per_request_and_busy_cores(
 
 
 def test_the_model_cpu_paragraph_says_how_busy_each_hop_was_at_saturation() -> None:
-    from bench.report import _model_cpu_paragraph
+    from bench.report_bounds import model_cpu_paragraph
 
     results = _results()
-    assert _model_cpu_paragraph(results) == ""  # no model targets in this run: nothing to say
+    assert model_cpu_paragraph(results) == ""  # no model targets in this run: nothing to say
     for hop, rps, cpu in (("balancer", 300, 400), ("nginx", 350, 120)):
         results.targets.append(Target(name=f"model {hop}", kind="model", hop=hop, url="u"))
         results.saturation[f"model {hop}"] = [replace(results.saturation[f"noop {hop}"][0], requests=rps * 10,
                                                       proxy_cpu=CpuUsage(user_s=cpu * rps * 10 / 1e6, system_s=0.0))]
-    paragraph = _model_cpu_paragraph(results)
+    paragraph = model_cpu_paragraph(results)
     assert "a request costs the balancer 400 µs of CPU, against 200 µs with the no-op backends" in paragraph
     assert "and nginx 120 against 50 µs" in paragraph
     # busy = CPU per request × requests per second: 400 µs × 300/s = 12 %; 200 µs × 1,000/s = 20 %
@@ -1201,11 +1204,11 @@ def test_a_function_shown_with_its_call_count_is_the_same_function() -> None:
 
 
 def test_a_layer_below_zero_is_explained_as_noise_and_only_then() -> None:
-    from bench.report import _negative_layer_sentence
+    from bench.report_bounds import negative_layer_sentence
 
-    assert "A layer below zero is not a saving" in _negative_layer_sentence(46.0, 40.0, 41.0)  # the floor above lean
-    assert "A layer below zero is not a saving" in _negative_layer_sentence(30.0, 40.0, 39.0)  # lean above default
-    assert _negative_layer_sentence(30.0, 35.0, 40.0) == ""
+    assert "A layer below zero is not a saving" in negative_layer_sentence(46.0, 40.0, 41.0)  # the floor above lean
+    assert "A layer below zero is not a saving" in negative_layer_sentence(30.0, 40.0, 39.0)  # lean above default
+    assert negative_layer_sentence(30.0, 35.0, 40.0) == ""
 
 
 def test_the_fixed_rate_rounds_are_named_and_files_from_before_them_ran_as_many_as_the_others(tmp_path: Path) -> None:

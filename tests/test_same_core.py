@@ -11,7 +11,8 @@ import pytest
 
 from bench import results_file, same_core
 from bench.errors import BenchError
-from bench.report import evaluate_targets, render_report
+from bench.report import render_report
+from bench.targets import evaluate_targets
 from bench.report_cost import same_core_costs, without_writer_costs
 from bench.runs import QUICK
 from bench.same_core import CoreShare, SameCorePair, measure_pairs
