@@ -371,11 +371,15 @@ def merge_expositions(texts: Iterable[str]) -> bytes:
 
 
 def merge_upstreams(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Workers' /admin/upstreams as one list: counters summed; healthy and available only if so in every worker."""
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    """Workers' /admin/upstreams as one list, an entry per variant, URL and address (a host name's URL has one per
+    address it resolves to): counters summed; healthy and available only if so in every worker, and available only
+    once every worker has it (a replica one worker has resolved and another not yet takes half the traffic)."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    listed: dict[tuple[str, str, str], int] = {}
     for endpoints in per_worker:
         for endpoint in endpoints:
-            key = (str(endpoint["variant"]), str(endpoint["url"]))
+            key = (str(endpoint["variant"]), str(endpoint["url"]), str(endpoint["address"]))
+            listed[key] = listed.get(key, 0) + 1
             total = merged.get(key)
             if total is None:
                 merged[key] = dict(endpoint)
@@ -385,4 +389,6 @@ def merge_upstreams(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, An
             total["healthy"] = total["healthy"] and endpoint["healthy"]
             total["available"] = total["available"] and endpoint["available"]
             total["ejected"] = total["ejected"] or endpoint["ejected"]
+    for key, total in merged.items():
+        total["available"] = total["available"] and listed[key] == len(per_worker)
     return list(merged.values())

@@ -64,6 +64,20 @@ def test_upstreams_sum_their_counters_and_are_healthy_only_if_healthy_everywhere
                        "failures": 2, "healthy": False, "ejected": True, "available": False, "idle_connections": 4}]
 
 
+def test_each_address_a_host_name_resolves_to_stays_its_own_upstream() -> None:
+    def endpoint(address: str, requests: int) -> dict[str, object]:
+        return {"variant": "b", "url": "http://model_b:8002", "address": address, "requests": requests, "failures": 0,
+                "healthy": True, "ejected": False, "available": True, "idle_connections": 1}
+    first, second = endpoint("172.23.0.3:8002", 4), endpoint("172.23.0.5:8002", 6)  # `--scale model_b=2`
+    merged = merge_upstreams([[first, second], [endpoint("172.23.0.3:8002", 1), endpoint("172.23.0.5:8002", 2)]])
+    assert [(entry["address"], entry["requests"], entry["available"]) for entry in merged] == [
+        ("172.23.0.3:8002", 5, True), ("172.23.0.5:8002", 8, True)]
+    # a replica only the first worker has resolved yet: listed, healthy there, not available to all the traffic
+    merged = merge_upstreams([[first, second], [endpoint("172.23.0.3:8002", 1)]])
+    assert [(entry["address"], entry["healthy"], entry["available"]) for entry in merged] == [
+        ("172.23.0.3:8002", True, True), ("172.23.0.5:8002", True, False)]
+
+
 async def test_a_starting_worker_that_does_not_take_the_version_is_killed_and_not_counted_ready(tmp_path: Path) -> None:
     workers = Workers(1, ["serve"], drain_timeout_s=1.0, registry=CollectorRegistry())
     (worker,) = workers.workers
