@@ -146,14 +146,6 @@ class ServerSettings(_Frozen):
     # "auto": one per CPU the balancer may use (its affinity and cgroup CPU quota), resolved at load.
     workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _workers(cls, value: Any) -> Any:
-        value = parse_workers(value)
-        if isinstance(value, str):
-            raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS}, or "{AUTO_WORKERS}" (one per CPU)')
-        return value
     # A client that sent its headers has this long to send the rest of its body (408 after).
     client_body_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     # Idle keep-alive (and half-sent request headers) on the public port are closed after this.
@@ -164,6 +156,14 @@ class ServerSettings(_Frozen):
     # Off switches for measuring what each feature costs (`make bench`); keep both on in production.
     record_outcomes: bool = True
     export_metrics: bool = True
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        value = parse_workers(value)
+        if isinstance(value, str):
+            raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS}, or "{AUTO_WORKERS}" (one per CPU)')
+        return value
 
 
 class Variant(_Frozen):

@@ -8,7 +8,8 @@ Does a change help? `make bench` measures one tree; its figures move by tens of 
 between runs on a shared machine, more than most changes are worth. This checks `--base` out
 into a temporary git worktree (compiling its request path there when it has
 `scripts/build_native.py`, as `make native` does here), starts two no-op backends (`--backends
-model`: the real model servers) and, in front of them, one balancer from each tree (sticky 50/50, outcome log and metrics on, uvloop), then:
+model`: the real model servers) and, in front of them, one balancer from each tree (sticky 50/50,
+outcome log and metrics on, uvloop), then:
 
 - `same-core` (the default): both balancers at once, their processes (store writers included)
   pinned to one CPU, each loaded by its own wrk from the other CPUs (`bench/same_core.py`). Each

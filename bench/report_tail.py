@@ -161,9 +161,8 @@ def _episode_groups(results: BenchResults, hops: list[str], during: dict[str, tu
 IDLE_WORTH_NOTING = 0.05  # idle CPU time in episodes (out of 100 % per CPU) from which the report points it out
 
 
-def _idle_in_episodes(results: BenchResults, hop: str) -> float:
-    """The CPUs' idle share in `hop`'s episodes (NaN when not sampled)."""
-    shares = tail_episodes.group_episode_shares([run for run in results.tail_runs if run.hop == hop])
+def _idle_in_episodes(shares: dict[str, tuple[float, float]]) -> float:
+    """The CPUs' idle share among a hop's `group_episode_shares` (NaN when not sampled)."""
     return shares.get(tail_episodes.IDLE, (math.nan, math.nan))[0]
 
 
@@ -171,7 +170,7 @@ def _idle_reading(results: BenchResults, hop: str, during: dict[str, tuple[float
     """A sentence when the CPUs sat idle in the episodes while the serving thread waited for one."""
     runs = [run for run in results.tail_runs if run.hop == hop]
     shares = tail_episodes.group_episode_shares(runs)
-    idle, waiting = _idle_in_episodes(results, hop), during[hop][1]
+    idle, waiting = _idle_in_episodes(shares), during[hop][1]
     if math.isnan(idle) or math.isnan(waiting) or idle < IDLE_WORTH_NOTING or waiting < IDLE_WORTH_NOTING:
         return ""
     others = sum(shares.get(name, (0.0, 0.0))[1] for name in tail_episodes.GROUPS)
@@ -196,13 +195,14 @@ def _episodes_reading(results: BenchResults, hops: list[str], during: dict[str, 
     whole_waiting = median([run.waiting for run in runs])
     text = (f"\nIn its episodes the {hop}'s serving thread ran {as_share(running)} of the time and waited for a CPU "
             f"{as_share(waiting)}, against {as_share(whole_running)} and {as_share(whole_waiting)} over whole runs")
-    if running + waiting >= 0.9 and _idle_in_episodes(results, hop) >= IDLE_WORTH_NOTING:
+    if running + waiting >= 0.9:
         text += (f": running or runnable {as_share(running + waiting)} of the time, so it always had work and was "
-                 "blocked on nothing but a CPU; who had the CPUs meanwhile is below.")
-    elif running + waiting >= 0.9:
-        text += (f": running or runnable {as_share(running + waiting)} of the time, so it always had work and was "
-                 "blocked on nothing but a CPU. Those slow answers come from CPU contention: requests waited in the "
-                 "hop while it waited for a core that the load generator and the backends were using.")
+                 "blocked on nothing but a CPU")
+        if _idle_in_episodes(tail_episodes.group_episode_shares(runs)) >= IDLE_WORTH_NOTING:
+            text += "; who had the CPUs meanwhile is below."
+        else:
+            text += (". Those slow answers come from CPU contention: requests waited in the hop while it waited for "
+                     "a core that the load generator and the backends were using.")
     else:
         text += (f": running or runnable only {as_share(running + waiting)} of the time, so something other than "
                  "CPU contention held it too.")

@@ -50,7 +50,7 @@ class Settings:
     cold_windows: int = 5
     cold_window_s: float = 1.0
     # rounds of the main fixed-rate runs (the latency targets): a p99 moves more from run to run than throughput does,
-    # and with 8 the median's 90 % interval no longer spans the lowest to the highest round (`report.Check`)
+    # and with 8 the median's 90 % interval no longer spans the lowest to the highest round (`targets.Check`)
     fixed_rate_rounds: int = 8
 
 

@@ -297,33 +297,36 @@ def measure(targets: Sequence[Target], rate: float, rounds: int, settings: Setti
     return runs
 
 
+def _length_s(episode: Episode) -> float:
+    """The wall time an episode's shares were measured over: EPISODE_LEAD_S before its first slow answer to its last."""
+    return episode.end_s - episode.start_s + EPISODE_LEAD_S
+
+
+def _weighted(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """(length, running, waiting) rows as one (running, waiting), each row weighted by its length; NaN for none."""
+    total = sum(length for length, _, _ in rows)
+    if not total:
+        return math.nan, math.nan
+    return (sum(length * running for length, running, _ in rows) / total,
+            sum(length * waiting for length, _, waiting in rows) / total)
+
+
 def episode_shares(runs: Sequence[TailRun]) -> tuple[float, float]:
     """The serving thread's (running, waiting) shares over all the runs' episodes, each weighted by its length
     (EPISODE_LEAD_S included, as measured); NaN when there were none or none was sampled."""
-    weighted = [(episode.end_s - episode.start_s + EPISODE_LEAD_S, episode.running, episode.waiting)
-                for run in runs for episode in run.episodes if not math.isnan(episode.running)]
-    total = sum(length for length, _, _ in weighted)
-    if not total:
-        return math.nan, math.nan
-    return (sum(length * running for length, running, _ in weighted) / total,
-            sum(length * waiting for length, _, waiting in weighted) / total)
+    return _weighted([(_length_s(episode), episode.running, episode.waiting)
+                      for run in runs for episode in run.episodes if not math.isnan(episode.running)])
 
 
 def group_episode_shares(runs: Sequence[TailRun]) -> dict[str, tuple[float, float]]:
     """GROUPS' (running, waiting) shares over all the runs' episodes, weighted by length as `episode_shares`;
     groups not sampled in any episode are left out."""
-    weighted: dict[str, list[tuple[float, float, float]]] = {}
+    rows: dict[str, list[tuple[float, float, float]]] = {}
     for episode in (episode for run in runs for episode in run.episodes):
         for name, (running, waiting) in episode.groups.items():
             if not math.isnan(running):
-                weighted.setdefault(name, []).append(
-                    (episode.end_s - episode.start_s + EPISODE_LEAD_S, running, waiting))
-    measured = {}
-    for name, rows in weighted.items():
-        total = sum(length for length, _, _ in rows)
-        measured[name] = (sum(length * running for length, running, _ in rows) / total,
-                          sum(length * waiting for length, _, waiting in rows) / total)
-    return measured
+                rows.setdefault(name, []).append((_length_s(episode), running, waiting))
+    return {name: _weighted(group) for name, group in rows.items()}
 
 
 def describe(run: TailRun) -> str:
